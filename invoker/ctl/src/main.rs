@@ -1,0 +1,300 @@
+//! `invokerctl`: the operators' CLI for the invoker control plane.
+
+mod output;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use invoker_api::{convert, pb, InvokerClient};
+use invoker_domain::{RoutingTable, Topology, BUCKETS};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Operate the invoker control plane",
+    max_term_width = 100
+)]
+struct Cli {
+    /// Invoker endpoints (host:port), comma-separated; the leader is found among them.
+    #[arg(long, env = "INVOKER_ENDPOINTS", value_delimiter = ',', global = true)]
+    endpoints: Vec<String>,
+    /// Print machine-readable JSON (read commands).
+    #[arg(long, global = true)]
+    json: bool,
+    /// Who is acting, recorded in the audit log (default: $USER@host).
+    #[arg(long, env = "INVOKER_ACTOR", global = true)]
+    actor: Option<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Members, leader, term, commit index, and each service's routing share per site.
+    Status,
+    /// Read or change a service's routing table.
+    #[command(subcommand)]
+    Routing(RoutingCmd),
+    /// The audit log, newest first.
+    Audit {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Add or remove raft members.
+    #[command(subcommand)]
+    Members(MembersCmd),
+    /// Declare sites and services from a TOML file (idempotent; never prunes).
+    Apply {
+        file: PathBuf,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Proposals awaiting a human decision (strong-service failovers).
+    Proposals {
+        /// Include decided proposals too.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RoutingCmd {
+    /// Show a service's table (share per site and version).
+    Get {
+        service: String,
+        /// Print all 1024 buckets (with --json they are always included).
+        #[arg(long)]
+        buckets: bool,
+    },
+    /// Shift a service's traffic. Exactly one of --weights, --all or --file.
+    Set {
+        service: String,
+        /// Weights per site, e.g. a=30,b=70.
+        #[arg(long, value_delimiter = ',', conflicts_with_all = ["all", "file"])]
+        weights: Vec<String>,
+        /// Send every bucket to this site.
+        #[arg(long, conflicts_with = "file")]
+        all: Option<String>,
+        /// A JSON array of exactly 1024 site ids.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Why (mandatory; recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// Refuse unless the table is at this version (compare-and-swap).
+        #[arg(long)]
+        expected_version: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MembersCmd {
+    /// List members (same as the first part of `status`).
+    List,
+    /// Add a node as a voter (it must be running; it catches up first).
+    Add {
+        id: u64,
+        addr: String,
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Remove a voter.
+    Remove {
+        id: u64,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("invokerctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("invokerctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "operator".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{user}@{host}")
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", status.message(), status.code())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if cli.endpoints.is_empty() {
+        bail!("no endpoints: pass --endpoints host:port[,host:port...] or set INVOKER_ENDPOINTS");
+    }
+    let actor = cli.actor.clone().unwrap_or_else(default_actor);
+    let client = InvokerClient::connect_leader(&cli.endpoints)
+        .await
+        .context("finding the leader")?;
+    let mut admin = client.admin();
+    match cli.command {
+        Cmd::Status => {
+            let status = client.status().await?;
+            output::status(&status, cli.json)
+        }
+        Cmd::Members(MembersCmd::List) => {
+            let status = client.status().await?;
+            output::members(&status, cli.json)
+        }
+        Cmd::Routing(RoutingCmd::Get { service, buckets }) => {
+            let table = admin
+                .get_routing(pb::GetRoutingRequest {
+                    service,
+                    consistency: pb::ReadConsistency::Linearizable as i32,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::routing(&table, cli.json, buckets)
+        }
+        Cmd::Routing(RoutingCmd::Set {
+            service,
+            weights,
+            all,
+            file,
+            reason,
+            expected_version,
+        }) => {
+            let buckets = buckets_from_args(&service, &weights, all, file)?;
+            let reply = admin
+                .set_routing(pb::SetRoutingRequest {
+                    service,
+                    buckets,
+                    expected_version: expected_version.unwrap_or(0),
+                    actor,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::routing_set(&reply, cli.json)
+        }
+        Cmd::Audit { limit } => {
+            let reply = admin
+                .list_audit(pb::ListAuditRequest {
+                    limit,
+                    before_seq: 0,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::audit(&reply.entries, cli.json)
+        }
+        Cmd::Members(MembersCmd::Add {
+            id,
+            addr,
+            site,
+            reason,
+        }) => {
+            let reply = admin
+                .add_member(pb::AddMemberRequest {
+                    id,
+                    addr,
+                    site,
+                    actor,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::membership(&reply, cli.json)
+        }
+        Cmd::Members(MembersCmd::Remove { id, reason }) => {
+            let reply = admin
+                .remove_member(pb::RemoveMemberRequest { id, actor, reason })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::membership(&reply, cli.json)
+        }
+        Cmd::Apply { file, reason } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let topology =
+                Topology::from_toml(&text).with_context(|| format!("in {}", file.display()))?;
+            let reason = reason.unwrap_or_else(|| format!("apply {}", file.display()));
+            let reply = admin
+                .apply_topology(pb::ApplyTopologyRequest {
+                    topology: Some(convert::topology_to_pb(&topology)),
+                    actor,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::applied(&reply, cli.json)
+        }
+        Cmd::Proposals { all } => {
+            let reply = admin
+                .list_proposals(pb::ListProposalsRequest { pending_only: !all })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::proposals(&reply, cli.json)
+        }
+    }
+}
+
+/// Turns `--weights`, `--all` or `--file` into exactly 1024 buckets.
+fn buckets_from_args(
+    service: &str,
+    weights: &[String],
+    all: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Vec<String>> {
+    match (weights.is_empty(), all, file) {
+        (false, None, None) => {
+            let mut parsed = BTreeMap::new();
+            for pair in weights {
+                let (site, weight) = pair
+                    .split_once('=')
+                    .with_context(|| format!("weight {pair:?} is not site=number"))?;
+                let weight: u32 = weight
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("weight {pair:?} is not a whole number"))?;
+                if parsed.insert(site.trim().to_string(), weight).is_some() {
+                    bail!("site {site:?} is given twice in --weights");
+                }
+            }
+            Ok(RoutingTable::buckets_from_weights(service, &parsed)?)
+        }
+        (true, Some(site), None) => Ok(vec![site; BUCKETS]),
+        (true, None, Some(path)) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let buckets: Vec<String> = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a JSON array of site ids", path.display()))?;
+            Ok(buckets)
+        }
+        _ => bail!("give exactly one of --weights, --all or --file"),
+    }
+}

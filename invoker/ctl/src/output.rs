@@ -1,0 +1,351 @@
+//! Human (80 columns) and JSON renderings of API replies.
+
+use anyhow::Result;
+use invoker_api::pb;
+use serde_json::{json, Value};
+
+fn print_json(value: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::NodeState::try_from(state) {
+        Ok(pb::NodeState::Leader) => "leader",
+        Ok(pb::NodeState::Follower) => "follower",
+        Ok(pb::NodeState::Candidate) => "candidate",
+        Ok(pb::NodeState::Learner) => "learner",
+        Ok(pb::NodeState::Shutdown) => "shutdown",
+        _ => "unknown",
+    }
+}
+
+fn class_name(class: i32) -> &'static str {
+    match pb::ServiceClass::try_from(class) {
+        Ok(pb::ServiceClass::Stateless) => "stateless",
+        Ok(pb::ServiceClass::Strong) => "strong",
+        _ => "unknown",
+    }
+}
+
+fn member_json(m: &pb::Member, leader_id: u64) -> Value {
+    json!({
+        "id": m.id, "addr": m.addr, "site": m.site, "voter": m.voter,
+        "leader": m.id == leader_id, "matched_index": m.matched_index,
+    })
+}
+
+fn writer_json(w: &Option<pb::Writer>) -> Value {
+    match w {
+        None => Value::Null,
+        Some(w) => json!({"site": w.site, "epoch": w.epoch, "dsn": w.dsn}),
+    }
+}
+
+pub fn status(s: &pb::ClusterStatus, as_json: bool) -> Result<()> {
+    if as_json {
+        let routing: Vec<Value> = s
+            .routing
+            .iter()
+            .map(|r| {
+                json!({
+                    "service": r.service, "class": class_name(r.class), "version": r.version,
+                    "buckets_per_site": r.buckets_per_site.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                    "share_per_site": r.buckets_per_site.iter()
+                        .map(|(site, n)| (site.clone(), json!(f64::from(*n) / 1024.0)))
+                        .collect::<serde_json::Map<_, _>>(),
+                    "writer": writer_json(&r.writer),
+                })
+            })
+            .collect();
+        return print_json(&json!({
+            "node_id": s.node_id, "node_site": s.node_site, "state": state_name(s.state),
+            "leader_id": s.leader_id, "leader_addr": s.leader_addr, "term": s.term,
+            "commit_index": s.commit_index, "last_applied": s.last_applied,
+            "last_log_index": s.last_log_index, "snapshot_index": s.snapshot_index,
+            "purged_index": s.purged_index, "revision": s.revision,
+            "members": s.members.iter().map(|m| member_json(m, s.leader_id)).collect::<Vec<_>>(),
+            "routing": routing,
+        }));
+    }
+    println!(
+        "leader {} ({})  term {}  commit {}  applied {}",
+        s.leader_id, s.leader_addr, s.term, s.commit_index, s.last_applied
+    );
+    println!();
+    print_members(s);
+    println!();
+    println!(
+        "{:<16} {:<9} {:>4}  {:<28} WRITER",
+        "SERVICE", "CLASS", "VER", "ROUTING"
+    );
+    for r in &s.routing {
+        let sorted: std::collections::BTreeMap<_, _> = r.buckets_per_site.iter().collect();
+        let share: Vec<String> = sorted
+            .into_iter()
+            .map(|(site, n)| format!("{site} {:.1}%", f64::from(*n) * 100.0 / 1024.0))
+            .collect();
+        let writer = r
+            .writer
+            .as_ref()
+            .map(|w| format!("{} epoch {}", w.site, w.epoch))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<16} {:<9} {:>4}  {:<28} {}",
+            truncate(&r.service, 16),
+            class_name(r.class),
+            r.version,
+            share.join("  "),
+            writer
+        );
+    }
+    Ok(())
+}
+
+fn print_members(s: &pb::ClusterStatus) {
+    println!(
+        "{:>4}  {:<8} {:<22} {:<8} {:<8} {:>9} {:>6}",
+        "ID", "SITE", "ADDRESS", "ROLE", "STATE", "MATCHED", "LAG"
+    );
+    for m in &s.members {
+        let state = if m.id == s.leader_id {
+            "leader"
+        } else if m.voter {
+            "follower"
+        } else {
+            "learner"
+        };
+        let lag = s.last_log_index.saturating_sub(m.matched_index);
+        println!(
+            "{:>4}  {:<8} {:<22} {:<8} {:<8} {:>9} {:>6}",
+            m.id,
+            truncate(&m.site, 8),
+            truncate(&m.addr, 22),
+            if m.voter { "voter" } else { "learner" },
+            state,
+            m.matched_index,
+            lag
+        );
+    }
+}
+
+pub fn members(s: &pb::ClusterStatus, as_json: bool) -> Result<()> {
+    if as_json {
+        return print_json(&json!(s
+            .members
+            .iter()
+            .map(|m| member_json(m, s.leader_id))
+            .collect::<Vec<_>>()));
+    }
+    print_members(s);
+    Ok(())
+}
+
+pub fn membership(r: &pb::MembershipResponse, as_json: bool) -> Result<()> {
+    if as_json {
+        return print_json(&json!({
+            "log_index": r.log_index,
+            "members": r.members.iter().map(|m| member_json(m, 0)).collect::<Vec<_>>(),
+        }));
+    }
+    println!("membership changed at log index {}", r.log_index);
+    for m in &r.members {
+        println!(
+            "  {:>4}  {:<8} {:<22} {}",
+            m.id,
+            m.site,
+            m.addr,
+            if m.voter { "voter" } else { "learner" }
+        );
+    }
+    Ok(())
+}
+
+fn share_line(buckets: &[String]) -> String {
+    let mut share = std::collections::BTreeMap::new();
+    for b in buckets {
+        *share.entry(b.as_str()).or_insert(0u32) += 1;
+    }
+    share
+        .iter()
+        .map(|(site, n)| format!("{site} {n} ({:.1}%)", f64::from(*n) * 100.0 / 1024.0))
+        .collect::<Vec<_>>()
+        .join("  ")
+}
+
+pub fn routing(t: &pb::RoutingTable, as_json: bool, buckets: bool) -> Result<()> {
+    if as_json {
+        return print_json(&json!({
+            "service": t.service, "version": t.version, "buckets": t.buckets,
+        }));
+    }
+    println!(
+        "{}  version {}  {}",
+        t.service,
+        t.version,
+        share_line(&t.buckets)
+    );
+    if buckets {
+        // Ranges of consecutive buckets on one site, e.g. "0-511 a".
+        let mut start = 0;
+        for i in 1..=t.buckets.len() {
+            if i == t.buckets.len() || t.buckets[i] != t.buckets[start] {
+                println!("  {:>4}-{:<4} {}", start, i - 1, t.buckets[start]);
+                start = i;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn routing_set(r: &pb::SetRoutingResponse, as_json: bool) -> Result<()> {
+    let table = r.table.clone().unwrap_or_default();
+    if as_json {
+        return print_json(&json!({
+            "service": table.service, "version": table.version, "changed": r.changed,
+            "log_index": r.log_index, "buckets": table.buckets,
+        }));
+    }
+    if r.changed {
+        println!(
+            "{} now at version {}: {}",
+            table.service,
+            table.version,
+            share_line(&table.buckets)
+        );
+    } else {
+        println!(
+            "{} unchanged (already at version {}: {})",
+            table.service,
+            table.version,
+            share_line(&table.buckets)
+        );
+    }
+    Ok(())
+}
+
+pub fn audit(entries: &[pb::AuditEntry], as_json: bool) -> Result<()> {
+    if as_json {
+        return print_json(&json!(entries
+            .iter()
+            .map(|a| json!({
+                "seq": a.seq, "log_index": a.log_index, "at_ms": a.at_ms, "actor": a.actor,
+                "reason": a.reason, "action": a.action, "before": a.before, "after": a.after,
+            }))
+            .collect::<Vec<_>>()));
+    }
+    for a in entries {
+        println!(
+            "#{:<5} {}  {}  by {}",
+            a.seq,
+            format_ms(a.at_ms),
+            a.action,
+            truncate(&a.actor, 30)
+        );
+        println!("       why:    {}", truncate(&a.reason, 70));
+        if !a.before.is_empty() {
+            println!("       before: {}", truncate(&a.before, 70));
+        }
+        println!("       after:  {}", truncate(&a.after, 70));
+    }
+    Ok(())
+}
+
+pub fn applied(r: &pb::ApplyTopologyResponse, as_json: bool) -> Result<()> {
+    if as_json {
+        return print_json(&json!({
+            "changed": !r.changes.is_empty(), "changes": r.changes, "notes": r.notes,
+            "log_index": r.log_index,
+        }));
+    }
+    if r.changes.is_empty() {
+        println!("unchanged");
+    }
+    for c in &r.changes {
+        println!("+ {c}");
+    }
+    for n in &r.notes {
+        println!("! {n}");
+    }
+    Ok(())
+}
+
+pub fn proposals(r: &pb::ListProposalsResponse, as_json: bool) -> Result<()> {
+    if as_json {
+        return print_json(&json!({
+            "term": r.term,
+            "proposals": r.proposals.iter().map(|p| json!({
+                "id": p.id, "kind": p.kind, "service": p.service, "status": p.status,
+                "created_at_ms": p.created_at_ms, "expires_at_ms": p.expires_at_ms,
+                "digest": p.digest, "term": p.term,
+                "data_loss": p.data_loss.as_ref().map(|l| json!({
+                    "gap_bytes": l.gap_bytes, "ledger_sequence_gap": l.ledger_sequence_gap,
+                    "primary_last_seen_ms": l.primary_last_seen_ms,
+                })),
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    if r.proposals.is_empty() {
+        println!("no proposals");
+    }
+    for p in &r.proposals {
+        println!(
+            "#{:<4} {:<16} {:<10} created {}",
+            p.id,
+            p.kind,
+            p.service,
+            format_ms(p.created_at_ms)
+        );
+    }
+    Ok(())
+}
+
+/// UTC time from Unix milliseconds, without pulling in a date library.
+fn format_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn truncate(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
+        t.push('~');
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_unix_ms_as_utc() {
+        assert_eq!(format_ms(0), "1970-01-01 00:00:00Z");
+        assert_eq!(format_ms(1_795_000_000_000), "2026-11-18 11:06:40Z");
+    }
+
+    #[test]
+    fn truncates_to_width() {
+        assert_eq!(truncate("abcdef", 4), "abc~");
+        assert_eq!(truncate("abc", 4), "abc");
+    }
+}

@@ -1,0 +1,643 @@
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    validate_id, validate_text, AuditEntry, DomainError, Proposal, RoutingTable, Service,
+    ServiceClass, Site, SiteRole, Topology, Writer, BUCKETS,
+};
+
+/// How many audit entries the replicated state keeps; older ones are dropped (oldest first).
+/// A bound keeps snapshots small; ship the audit stream elsewhere for longer retention.
+pub const AUDIT_RETAINED: usize = 10_000;
+
+/// A command with who asked, why, and when. `at_ms` is stamped by the node that accepted the
+/// request (wall clock, milliseconds since the Unix epoch) so that applying stays
+/// deterministic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub actor: String,
+    pub reason: String,
+    pub at_ms: i64,
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create missing sites and services (with initial routing and writers).
+    ApplyTopology(Topology),
+    /// Replace a service's routing table (a manual or automatic shift).
+    SetRouting {
+        service: String,
+        buckets: Vec<String>,
+        /// Compare-and-swap: refuse unless the live table is at this version.
+        expected_version: Option<u64>,
+    },
+    /// Record an action taken outside the state machine (a membership change) in the audit log.
+    RecordAudit {
+        action: String,
+        before: String,
+        after: String,
+    },
+}
+
+impl Command {
+    /// A short name for logs, spans and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::ApplyTopology(_) => "apply_topology",
+            Command::SetRouting { .. } => "set_routing",
+            Command::RecordAudit { .. } => "record_audit",
+        }
+    }
+}
+
+/// The result of applying one request: committed (with what changed) or refused (and nothing
+/// changed). Both are final: a refused command is in the log but has no effect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Applied(Outcome),
+    Refused(DomainError),
+    /// A raft-internal entry (blank or membership) with no domain meaning.
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Topology {
+        changes: Vec<String>,
+        notes: Vec<String>,
+    },
+    Routing {
+        table: RoutingTable,
+        changed: bool,
+    },
+    Audited,
+}
+
+/// One change of the replicated state, published to watchers after it is applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    Site(Site),
+    Service(Service),
+    Routing {
+        service: String,
+        table: RoutingTable,
+    },
+    Writer {
+        service: String,
+        writer: Writer,
+    },
+    Proposal(Proposal),
+    Audit(AuditEntry),
+}
+
+/// The replicated domain state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub sites: BTreeMap<String, Site>,
+    pub services: BTreeMap<String, Service>,
+    pub routing: BTreeMap<String, RoutingTable>,
+    pub writers: BTreeMap<String, Writer>,
+    pub proposals: BTreeMap<u64, Proposal>,
+    pub audit: VecDeque<AuditEntry>,
+    pub next_audit_seq: u64,
+    /// Log index of the last request that changed something.
+    pub revision: u64,
+}
+
+impl State {
+    /// Applies one request at raft log index `log_index`. On refusal the state is unchanged.
+    pub fn apply(&mut self, log_index: u64, request: &Request) -> (Response, Vec<Change>) {
+        if let Err(err) = validate_request(request) {
+            return (Response::Refused(err), Vec::new());
+        }
+        let result = match &request.command {
+            Command::ApplyTopology(topology) => self.apply_topology(topology),
+            Command::SetRouting {
+                service,
+                buckets,
+                expected_version,
+            } => self.set_routing(service, buckets, *expected_version),
+            Command::RecordAudit {
+                action,
+                before,
+                after,
+            } => Ok(Applied {
+                outcome: Outcome::Audited,
+                changes: Vec::new(),
+                audit: vec![(action.clone(), before.clone(), after.clone())],
+            }),
+        };
+        match result {
+            Err(err) => (Response::Refused(err), Vec::new()),
+            Ok(applied) => {
+                let mut changes = applied.changes;
+                for (action, before, after) in applied.audit {
+                    changes.push(Change::Audit(
+                        self.push_audit(log_index, request, action, before, after),
+                    ));
+                }
+                if !changes.is_empty() {
+                    self.revision = log_index;
+                }
+                (Response::Applied(applied.outcome), changes)
+            }
+        }
+    }
+
+    fn push_audit(
+        &mut self,
+        log_index: u64,
+        request: &Request,
+        action: String,
+        before: String,
+        after: String,
+    ) -> AuditEntry {
+        self.next_audit_seq += 1;
+        let entry = AuditEntry {
+            seq: self.next_audit_seq,
+            log_index,
+            at_ms: request.at_ms,
+            actor: request.actor.clone(),
+            reason: request.reason.clone(),
+            action,
+            before,
+            after,
+        };
+        self.audit.push_back(entry.clone());
+        while self.audit.len() > AUDIT_RETAINED {
+            self.audit.pop_front();
+        }
+        entry
+    }
+
+    fn check_traffic_site(&self, site: &str) -> Result<(), DomainError> {
+        match self.sites.get(site) {
+            None => Err(DomainError::UnknownSite(site.to_string())),
+            Some(s) if s.role == SiteRole::Witness => Err(DomainError::WitnessSite(site.into())),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn set_routing(
+        &mut self,
+        service: &str,
+        buckets: &[String],
+        expected_version: Option<u64>,
+    ) -> Result<Applied, DomainError> {
+        let current = self
+            .routing
+            .get(service)
+            .ok_or_else(|| DomainError::UnknownService(service.to_string()))?;
+        if buckets.len() != BUCKETS {
+            return Err(DomainError::WrongBucketCount {
+                got: buckets.len(),
+                expected: BUCKETS,
+            });
+        }
+        if let Some(expected) = expected_version {
+            if expected != current.version {
+                return Err(DomainError::VersionConflict {
+                    service: service.to_string(),
+                    expected,
+                    actual: current.version,
+                });
+            }
+        }
+        // Check each distinct site once, not 1024 times.
+        let mut distinct: Vec<&String> = buckets.iter().collect();
+        distinct.sort();
+        distinct.dedup();
+        for site in distinct {
+            self.check_traffic_site(site)?;
+        }
+        if current.buckets == buckets {
+            return Ok(Applied::outcome(Outcome::Routing {
+                table: current.clone(),
+                changed: false,
+            }));
+        }
+        let before = current.summary();
+        let table = RoutingTable {
+            version: current.version + 1,
+            buckets: buckets.to_vec(),
+        };
+        let after = table.summary();
+        self.routing.insert(service.to_string(), table.clone());
+        Ok(Applied {
+            outcome: Outcome::Routing {
+                table: table.clone(),
+                changed: true,
+            },
+            changes: vec![Change::Routing {
+                service: service.to_string(),
+                table,
+            }],
+            audit: vec![(format!("routing.set {service}"), before, after)],
+        })
+    }
+
+    fn apply_topology(&mut self, topology: &Topology) -> Result<Applied, DomainError> {
+        topology.validate()?;
+        // Check everything against the live state first: the apply is all or nothing.
+        let mut roles: BTreeMap<&str, SiteRole> = self
+            .sites
+            .iter()
+            .map(|(id, site)| (id.as_str(), site.role))
+            .collect();
+        for spec in &topology.sites {
+            match self.sites.get(&spec.id) {
+                Some(existing) if existing.role != spec.role => {
+                    return Err(DomainError::SiteRoleChange {
+                        site: spec.id.clone(),
+                        existing: existing.role.to_string(),
+                    })
+                }
+                _ => {
+                    roles.insert(spec.id.as_str(), spec.role);
+                }
+            }
+        }
+        let traffic_site = |site: &str| match roles.get(site) {
+            None => Err(DomainError::UnknownSite(site.to_string())),
+            Some(SiteRole::Witness) => Err(DomainError::WitnessSite(site.to_string())),
+            Some(SiteRole::Site) => Ok(()),
+        };
+        let mut tables = Vec::new();
+        for spec in &topology.services {
+            if let Some(existing) = self.services.get(&spec.name) {
+                if existing.class != spec.class {
+                    return Err(DomainError::ServiceClassChange {
+                        service: spec.name.clone(),
+                        existing: existing.class.to_string(),
+                    });
+                }
+            }
+            for (site, weight) in &spec.routing {
+                if *weight > 0 {
+                    traffic_site(site)?;
+                }
+            }
+            if let Some(writer) = &spec.writer {
+                traffic_site(&writer.site)?;
+            }
+            let weights = spec
+                .routing
+                .iter()
+                .filter(|(_, w)| **w > 0)
+                .map(|(s, w)| (s.clone(), *w))
+                .collect();
+            tables.push(RoutingTable::buckets_from_weights(&spec.name, &weights)?);
+        }
+
+        let mut applied = Applied::outcome(Outcome::Audited);
+        let mut changes_text = Vec::new();
+        let mut notes = Vec::new();
+        for spec in &topology.sites {
+            if !self.sites.contains_key(&spec.id) {
+                let site = Site {
+                    id: spec.id.clone(),
+                    role: spec.role,
+                };
+                self.sites.insert(spec.id.clone(), site.clone());
+                changes_text.push(format!("site {} ({}) created", spec.id, spec.role));
+                applied.changes.push(Change::Site(site));
+                applied.audit.push((
+                    format!("site.create {}", spec.id),
+                    "-".into(),
+                    spec.role.to_string(),
+                ));
+            }
+        }
+        for (spec, buckets) in topology.services.iter().zip(tables) {
+            let declared = RoutingTable {
+                version: 1,
+                buckets,
+            };
+            if !self.services.contains_key(&spec.name) {
+                let service = Service {
+                    name: spec.name.clone(),
+                    class: spec.class,
+                };
+                self.services.insert(spec.name.clone(), service.clone());
+                self.routing.insert(spec.name.clone(), declared.clone());
+                changes_text.push(format!(
+                    "service {} ({}) created, routing {}",
+                    spec.name,
+                    spec.class,
+                    declared.summary()
+                ));
+                applied.changes.push(Change::Service(service));
+                applied.changes.push(Change::Routing {
+                    service: spec.name.clone(),
+                    table: declared.clone(),
+                });
+                applied.audit.push((
+                    format!("service.create {}", spec.name),
+                    "-".into(),
+                    format!("{} routing {}", spec.class, declared.summary()),
+                ));
+            } else if let Some(live) = self.routing.get(&spec.name) {
+                if live.buckets != declared.buckets {
+                    notes.push(format!(
+                        "service {}: live routing ({}) differs from the declared initial routing; left as is (use `routing set`)",
+                        spec.name,
+                        live.summary()
+                    ));
+                }
+            }
+            if let Some(writer_spec) = &spec.writer {
+                match self.writers.get(&spec.name) {
+                    None => {
+                        let writer = Writer {
+                            site: writer_spec.site.clone(),
+                            epoch: 1,
+                            dsn: writer_spec.dsn.clone(),
+                        };
+                        self.writers.insert(spec.name.clone(), writer.clone());
+                        changes_text.push(format!(
+                            "writer of {} set to site {} (epoch 1)",
+                            spec.name, writer.site
+                        ));
+                        applied.audit.push((
+                            format!("writer.create {}", spec.name),
+                            "-".into(),
+                            format!("site {} epoch 1", writer.site),
+                        ));
+                        applied.changes.push(Change::Writer {
+                            service: spec.name.clone(),
+                            writer,
+                        });
+                    }
+                    Some(live) if live.site != writer_spec.site || live.dsn != writer_spec.dsn => {
+                        notes.push(format!(
+                            "service {}: live writer (site {}, epoch {}) differs from the declared initial writer; left as is (writers move only by failover)",
+                            spec.name, live.site, live.epoch
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        applied.outcome = Outcome::Topology {
+            changes: changes_text,
+            notes,
+        };
+        Ok(applied)
+    }
+
+    /// Each service's buckets per site.
+    pub fn routing_shares(&self) -> BTreeMap<String, BTreeMap<String, usize>> {
+        self.routing
+            .iter()
+            .map(|(service, table)| (service.clone(), table.share()))
+            .collect()
+    }
+
+    /// Whether a service is strong (has a writer).
+    pub fn is_strong(&self, service: &str) -> bool {
+        self.services
+            .get(service)
+            .is_some_and(|s| s.class == ServiceClass::Strong)
+    }
+}
+
+struct Applied {
+    outcome: Outcome,
+    changes: Vec<Change>,
+    /// (action, before, after) lines for the audit log.
+    audit: Vec<(String, String, String)>,
+}
+
+impl Applied {
+    fn outcome(outcome: Outcome) -> Applied {
+        Applied {
+            outcome,
+            changes: Vec::new(),
+            audit: Vec::new(),
+        }
+    }
+}
+
+fn validate_request(request: &Request) -> Result<(), DomainError> {
+    validate_text("actor", &request.actor, true)?;
+    validate_text("reason", &request.reason, true)?;
+    if let Command::SetRouting { service, .. } = &request.command {
+        validate_id("service name", service)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(command: Command) -> Request {
+        Request {
+            actor: "alice".into(),
+            reason: "test".into(),
+            at_ms: 1_700_000_000_000,
+            command,
+        }
+    }
+
+    fn lab_state() -> State {
+        let topology = Topology::from_toml(
+            r#"
+            [[sites]]
+            id = "a"
+            role = "site"
+            [[sites]]
+            id = "b"
+            role = "site"
+            [[sites]]
+            id = "witness"
+            role = "witness"
+            [[services]]
+            name = "gift-api"
+            class = "stateless"
+            routing = { a = 50, b = 50 }
+            [[services]]
+            name = "wallet"
+            class = "strong"
+            routing = { a = 1 }
+            writer = { site = "a", dsn = "postgres://x" }
+            "#,
+        )
+        .unwrap();
+        let mut state = State::default();
+        let (resp, changes) = state.apply(1, &req(Command::ApplyTopology(topology)));
+        assert!(matches!(resp, Response::Applied(_)), "{resp:?}");
+        assert!(!changes.is_empty());
+        state
+    }
+
+    #[test]
+    fn topology_apply_is_idempotent() {
+        let mut state = lab_state();
+        let before = state.clone();
+        let topology = Topology {
+            sites: before
+                .sites
+                .values()
+                .map(|s| crate::SiteSpec {
+                    id: s.id.clone(),
+                    role: s.role,
+                })
+                .collect(),
+            services: vec![],
+        };
+        let (resp, changes) = state.apply(2, &req(Command::ApplyTopology(topology)));
+        assert!(changes.is_empty());
+        match resp {
+            Response::Applied(Outcome::Topology { changes, .. }) => assert!(changes.is_empty()),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(state, before);
+        assert_eq!(state.writers["wallet"].epoch, 1);
+        assert_eq!(state.routing["gift-api"].share()["a"], 512);
+    }
+
+    #[test]
+    fn routing_set_bumps_version_and_audits() {
+        let mut state = lab_state();
+        let buckets = vec!["b".to_string(); BUCKETS];
+        let (resp, changes) = state.apply(
+            5,
+            &req(Command::SetRouting {
+                service: "gift-api".into(),
+                buckets,
+                expected_version: Some(1),
+            }),
+        );
+        match resp {
+            Response::Applied(Outcome::Routing { table, changed }) => {
+                assert!(changed);
+                assert_eq!(table.version, 2);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(changes.len(), 2);
+        let last = state.audit.back().unwrap();
+        assert_eq!(last.action, "routing.set gift-api");
+        assert_eq!(last.before, "v1 a=512 b=512");
+        assert_eq!(last.after, "v2 b=1024");
+        assert_eq!(last.log_index, 5);
+        assert_eq!(state.revision, 5);
+    }
+
+    #[test]
+    fn bad_routing_leaves_state_untouched() {
+        let mut state = lab_state();
+        let before = state.clone();
+        let cases = vec![
+            (
+                Command::SetRouting {
+                    service: "nope".into(),
+                    buckets: vec!["a".into(); BUCKETS],
+                    expected_version: None,
+                },
+                DomainError::UnknownService("nope".into()),
+            ),
+            (
+                Command::SetRouting {
+                    service: "gift-api".into(),
+                    buckets: vec!["a".into(); 1000],
+                    expected_version: None,
+                },
+                DomainError::WrongBucketCount {
+                    got: 1000,
+                    expected: BUCKETS,
+                },
+            ),
+            (
+                Command::SetRouting {
+                    service: "gift-api".into(),
+                    buckets: vec!["witness".into(); BUCKETS],
+                    expected_version: None,
+                },
+                DomainError::WitnessSite("witness".into()),
+            ),
+            (
+                Command::SetRouting {
+                    service: "gift-api".into(),
+                    buckets: vec!["c".into(); BUCKETS],
+                    expected_version: None,
+                },
+                DomainError::UnknownSite("c".into()),
+            ),
+            (
+                Command::SetRouting {
+                    service: "gift-api".into(),
+                    buckets: vec!["b".into(); BUCKETS],
+                    expected_version: Some(7),
+                },
+                DomainError::VersionConflict {
+                    service: "gift-api".into(),
+                    expected: 7,
+                    actual: 1,
+                },
+            ),
+        ];
+        for (command, expected) in cases {
+            let (resp, changes) = state.apply(9, &req(command));
+            assert_eq!(resp, Response::Refused(expected));
+            assert!(changes.is_empty());
+            assert_eq!(state, before);
+        }
+        let mut no_reason = req(Command::RecordAudit {
+            action: "x".into(),
+            before: "".into(),
+            after: "".into(),
+        });
+        no_reason.reason = " ".into();
+        let (resp, _) = state.apply(10, &no_reason);
+        assert_eq!(
+            resp,
+            Response::Refused(DomainError::Missing {
+                field: "reason".into()
+            })
+        );
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn topology_cannot_change_class_or_role() {
+        let mut state = lab_state();
+        let before = state.clone();
+        let t = Topology::from_toml(
+            "[[services]]\nname = \"gift-api\"\nclass = \"strong\"\nrouting = { a = 1 }\nwriter = { site = \"a\", dsn = \"x\" }\n",
+        )
+        .unwrap();
+        let (resp, _) = state.apply(3, &req(Command::ApplyTopology(t)));
+        assert!(matches!(
+            resp,
+            Response::Refused(DomainError::ServiceClassChange { .. })
+        ));
+        let t = Topology::from_toml("[[sites]]\nid = \"a\"\nrole = \"witness\"\n").unwrap();
+        let (resp, _) = state.apply(4, &req(Command::ApplyTopology(t)));
+        assert!(matches!(
+            resp,
+            Response::Refused(DomainError::SiteRoleChange { .. })
+        ));
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn audit_is_bounded() {
+        let mut state = lab_state();
+        for i in 0..(AUDIT_RETAINED as u64 + 10) {
+            state.apply(
+                100 + i,
+                &req(Command::RecordAudit {
+                    action: "membership.add".into(),
+                    before: "".into(),
+                    after: "".into(),
+                }),
+            );
+        }
+        assert_eq!(state.audit.len(), AUDIT_RETAINED);
+        assert_eq!(state.audit.back().unwrap().seq, state.next_audit_seq);
+    }
+}

@@ -1,0 +1,217 @@
+//! The invoker's configuration: a TOML file plus `INVOKER_*` environment overrides
+//! (`INVOKER_NODE_ID=2`, nested keys with a double underscore: `INVOKER_RAFT__HEARTBEAT_INTERVAL_MS=50`).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::InvokerError;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's raft id: unique in the cluster, never reused for a wiped node.
+    pub node_id: u64,
+    /// The site this node runs in (`a`, `b`, `witness`).
+    pub site: String,
+    /// Address of the one gRPC server: raft transport, admin, routing watch, agent sessions,
+    /// grpc.health.v1 and reflection.
+    pub listen_addr: SocketAddr,
+    /// Address other nodes and clients use to reach this node; defaults to `listen_addr`.
+    #[serde(default)]
+    pub advertise_addr: Option<String>,
+    /// Prometheus `/metrics` over HTTP; absent disables it.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Where the raft log, vote and snapshots live (created if missing).
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    /// The members a brand-new cluster starts with. Used only when this node's log is empty.
+    #[serde(default)]
+    pub initial_members: Vec<MemberConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_logs_since_last: u64,
+    /// Entries kept in the log behind the snapshot, so that a briefly lagging follower catches
+    /// up from the log rather than by a snapshot.
+    pub logs_kept_after_snapshot: u64,
+    /// Deadline of one raft RPC to a peer.
+    pub rpc_timeout_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1_000,
+            snapshot_logs_since_last: 5_000,
+            logs_kept_after_snapshot: 1_000,
+            rpc_timeout_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    pub id: u64,
+    pub addr: String,
+    pub site: String,
+}
+
+impl Config {
+    /// Loads the file (if given) and the environment, then validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Config, InvokerError> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(InvokerError::Config(format!(
+                    "config file {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("INVOKER_").split("__").ignore(&["config"]))
+            .extract()
+            .map_err(|e| InvokerError::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn advertise_addr(&self) -> String {
+        self.advertise_addr
+            .clone()
+            .unwrap_or_else(|| self.listen_addr.to_string())
+    }
+
+    pub fn validate(&self) -> Result<(), InvokerError> {
+        let bad = |msg: String| Err(InvokerError::Config(msg));
+        if self.node_id == 0 {
+            return bad("node_id must be at least 1 (0 means \"no node\" in status)".into());
+        }
+        invoker_domain::validate_id("site", &self.site)
+            .map_err(|e| InvokerError::Config(e.to_string()))?;
+        let r = &self.raft;
+        if r.heartbeat_interval_ms == 0 {
+            return bad("raft.heartbeat_interval_ms must be above 0".into());
+        }
+        if r.election_timeout_min_ms < 3 * r.heartbeat_interval_ms {
+            return bad(format!(
+                "raft.election_timeout_min_ms ({}) must be at least 3 x raft.heartbeat_interval_ms ({})",
+                r.election_timeout_min_ms, r.heartbeat_interval_ms
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return bad(format!(
+                "raft.election_timeout_max_ms ({}) must be above raft.election_timeout_min_ms ({})",
+                r.election_timeout_max_ms, r.election_timeout_min_ms
+            ));
+        }
+        if r.snapshot_logs_since_last == 0 {
+            return bad("raft.snapshot_logs_since_last must be above 0".into());
+        }
+        if r.rpc_timeout_ms == 0 {
+            return bad("raft.rpc_timeout_ms must be above 0".into());
+        }
+        let mut ids = BTreeSet::new();
+        for m in &self.initial_members {
+            if m.id == 0 {
+                return bad("initial_members: id 0 is not allowed".into());
+            }
+            if !ids.insert(m.id) {
+                return bad(format!("initial_members: id {} appears twice", m.id));
+            }
+            if m.addr.trim().is_empty() {
+                return bad(format!("initial_members: member {} has no addr", m.id));
+            }
+            invoker_domain::validate_id("site", &m.site)
+                .map_err(|e| InvokerError::Config(format!("initial_members: {e}")))?;
+        }
+        if !self.initial_members.is_empty() && !ids.contains(&self.node_id) {
+            return bad(format!(
+                "initial_members does not include this node (node_id {})",
+                self.node_id
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        node_id = 1
+        site = "a"
+        listen_addr = "127.0.1.1:7001"
+        data_dir = "/tmp/x"
+        [[initial_members]]
+        id = 1
+        addr = "127.0.1.1:7001"
+        site = "a"
+    "#;
+
+    fn parse(text: &str) -> Result<Config, InvokerError> {
+        let config: Config = Figment::from(Toml::string(text))
+            .extract()
+            .map_err(|e| InvokerError::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.raft.heartbeat_interval_ms, 100);
+        assert_eq!(c.advertise_addr(), "127.0.1.1:7001");
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let cases = [
+            (GOOD.replace("node_id = 1", "node_id = 0"), "node_id"),
+            (
+                GOOD.replace(
+                    "site = \"a\"\n        listen",
+                    "site = \"A B\"\n        listen",
+                ),
+                "site",
+            ),
+            (
+                GOOD.replace("127.0.1.1:7001\"\n        data", "nowhere\"\n        data"),
+                "listen_addr",
+            ),
+            (format!("{GOOD}\ncolour = 1\n"), "colour"),
+            (
+                format!(
+                    "{GOOD}\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 100\n"
+                ),
+                "election_timeout_min_ms",
+            ),
+            (
+                GOOD.replace("id = 1\n        addr", "id = 2\n        addr"),
+                "does not include",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+    }
+}

@@ -1,0 +1,483 @@
+//! The admin / console API.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use invoker_api::pb::admin_client::AdminClient;
+use invoker_api::{convert, pb, FORWARDED_HEADER};
+use invoker_domain::{
+    validate_id, validate_text, Command, Outcome, Response as DomainResponse, BUCKETS,
+};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use super::{domain_status, propose_status};
+use crate::node::{domain_request, members_of, node_state, Node, ProposeError};
+use crate::store::SmEvent;
+use crate::types::Member;
+
+/// Most audit entries returned by one call.
+const MAX_AUDIT_PAGE: usize = 10_000;
+/// Buffered watch events per watcher before the watcher counts as slow.
+const WATCH_CHANNEL: usize = 1_024;
+
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<Node>) -> AdminService {
+        AdminService { node }
+    }
+
+    /// A client of the leader for forwarding, unless this request was already forwarded once
+    /// (then the caller gets the error: no forwarding loops while leadership moves).
+    fn leader_client<T>(
+        &self,
+        request: &Request<T>,
+        error: ProposeError,
+    ) -> Result<AdminClient<Channel>, Status> {
+        let ProposeError::NotLeader(Some(addr)) = &error else {
+            return Err(propose_status(error));
+        };
+        if request.metadata().contains_key(FORWARDED_HEADER) || *addr == self.node.addr {
+            return Err(propose_status(error));
+        }
+        self.node.metrics.forwarded.inc();
+        tracing::debug!(leader = %addr, "forwarding to the leader");
+        let channel = invoker_api::client::channel(addr)
+            .map_err(|e| Status::unavailable(format!("cannot reach the leader {addr}: {e}")))?;
+        Ok(AdminClient::new(channel))
+    }
+
+    async fn barrier_or_forward<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<Option<AdminClient<Channel>>, Status> {
+        match self.node.linearizable_barrier().await {
+            Ok(()) => Ok(None),
+            Err(e) => self.leader_client(request, e).map(Some),
+        }
+    }
+}
+
+fn forwarded<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        FORWARDED_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    request
+}
+
+fn check_actor_reason(actor: &str, reason: &str) -> Result<(), Status> {
+    validate_text("actor", actor, true).map_err(|e| domain_status(&e))?;
+    validate_text("reason", reason, true).map_err(|e| domain_status(&e))
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        let m = self.node.raft_metrics();
+        let (leader_id, leader_addr) = self.node.leader().unwrap_or((0, String::new()));
+        let data = self.node.sm.read().await;
+        let state = &data.state;
+        let routing = state
+            .routing
+            .iter()
+            .map(|(service, table)| pb::RoutingShare {
+                service: service.clone(),
+                class: state
+                    .services
+                    .get(service)
+                    .map(|s| convert::class_to_pb(s.class) as i32)
+                    .unwrap_or(0),
+                version: table.version,
+                buckets_per_site: table
+                    .share()
+                    .into_iter()
+                    .map(|(site, n)| (site, n as u32))
+                    .collect(),
+                writer: state
+                    .writers
+                    .get(service)
+                    .map(|w| convert::writer_to_pb(service, w)),
+            })
+            .collect();
+        Ok(Response::new(pb::ClusterStatus {
+            node_id: self.node.id,
+            node_site: self.node.site.clone(),
+            state: node_state(m.state) as i32,
+            leader_id,
+            leader_addr,
+            term: m.current_term,
+            commit_index: self.node.commit_index(),
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            members: members_of(&m),
+            routing,
+            revision: state.revision,
+        }))
+    }
+
+    async fn get_state(
+        &self,
+        request: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::DomainState>, Status> {
+        if request.get_ref().consistency() == pb::ReadConsistency::Linearizable {
+            if let Some(mut leader) = self.barrier_or_forward(&request).await? {
+                return leader.get_state(forwarded(request.into_inner())).await;
+            }
+        }
+        let data = self.node.sm.read().await;
+        Ok(Response::new(convert::state_to_pb(&data.state)))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send + 'static>>;
+
+    async fn watch(
+        &self,
+        _request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_CHANNEL);
+        let sm = self.node.sm.clone();
+        tokio::spawn(async move {
+            // Subscribe before the first read: no change can fall between them.
+            let mut events = sm.subscribe();
+            let mut revision = {
+                let data = sm.read().await;
+                let snapshot = convert::state_to_pb(&data.state);
+                let revision = snapshot.revision;
+                if tx.send(Ok(snapshot_event(snapshot))).await.is_err() {
+                    return;
+                }
+                revision
+            };
+            loop {
+                let resync = match events.recv().await {
+                    Ok(SmEvent::Changes {
+                        revision: r,
+                        changes,
+                    }) => {
+                        if r <= revision {
+                            continue; // already in the snapshot sent
+                        }
+                        revision = r;
+                        for change in changes.iter() {
+                            let event = pb::WatchEvent {
+                                revision: r,
+                                event: Some(convert::change_to_pb(change)),
+                            };
+                            if tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        false
+                    }
+                    Ok(SmEvent::Reset) | Err(RecvError::Lagged(_)) => true,
+                    Err(RecvError::Closed) => return,
+                };
+                if resync {
+                    let data = sm.read().await;
+                    let snapshot = convert::state_to_pb(&data.state);
+                    revision = snapshot.revision;
+                    if tx.send(Ok(snapshot_event(snapshot))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_routing(
+        &self,
+        request: Request<pb::GetRoutingRequest>,
+    ) -> Result<Response<pb::RoutingTable>, Status> {
+        validate_id("service name", &request.get_ref().service).map_err(|e| domain_status(&e))?;
+        if request.get_ref().consistency() == pb::ReadConsistency::Linearizable {
+            if let Some(mut leader) = self.barrier_or_forward(&request).await? {
+                return leader.get_routing(forwarded(request.into_inner())).await;
+            }
+        }
+        let service = &request.get_ref().service;
+        let data = self.node.sm.read().await;
+        let table = data
+            .state
+            .routing
+            .get(service)
+            .ok_or_else(|| Status::not_found(format!("unknown service {service:?}")))?;
+        Ok(Response::new(convert::routing_to_pb(service, table)))
+    }
+
+    #[tracing::instrument(name = "admin.set_routing", skip_all, fields(service = %request.get_ref().service))]
+    async fn set_routing(
+        &self,
+        request: Request<pb::SetRoutingRequest>,
+    ) -> Result<Response<pb::SetRoutingResponse>, Status> {
+        let msg = request.get_ref();
+        check_actor_reason(&msg.actor, &msg.reason)?;
+        validate_id("service name", &msg.service).map_err(|e| domain_status(&e))?;
+        if msg.buckets.len() != BUCKETS {
+            return Err(Status::invalid_argument(format!(
+                "routing table has {} buckets; it must have exactly {BUCKETS}",
+                msg.buckets.len()
+            )));
+        }
+        let command = Command::SetRouting {
+            service: msg.service.clone(),
+            buckets: msg.buckets.clone(),
+            expected_version: (msg.expected_version != 0).then_some(msg.expected_version),
+        };
+        match self
+            .node
+            .propose(domain_request(&msg.actor, &msg.reason, command))
+            .await
+        {
+            Ok((log_index, DomainResponse::Applied(Outcome::Routing { table, changed }))) => {
+                tracing::info!(changed, version = table.version, "routing set");
+                Ok(Response::new(pb::SetRoutingResponse {
+                    table: Some(convert::routing_to_pb(&msg.service, &table)),
+                    changed,
+                    log_index,
+                }))
+            }
+            Ok((_, other)) => Err(Status::internal(format!("unexpected result {other:?}"))),
+            Err(e) => {
+                let mut leader = self.leader_client(&request, e)?;
+                leader.set_routing(forwarded(request.into_inner())).await
+            }
+        }
+    }
+
+    #[tracing::instrument(name = "admin.apply_topology", skip_all)]
+    async fn apply_topology(
+        &self,
+        request: Request<pb::ApplyTopologyRequest>,
+    ) -> Result<Response<pb::ApplyTopologyResponse>, Status> {
+        let msg = request.get_ref();
+        check_actor_reason(&msg.actor, &msg.reason)?;
+        let topology = msg
+            .topology
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("topology is missing"))?;
+        let topology = convert::topology_from_pb(topology)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        topology.validate().map_err(|e| domain_status(&e))?;
+        let command = Command::ApplyTopology(topology);
+        match self
+            .node
+            .propose(domain_request(&msg.actor, &msg.reason, command))
+            .await
+        {
+            Ok((log_index, DomainResponse::Applied(Outcome::Topology { changes, notes }))) => {
+                Ok(Response::new(pb::ApplyTopologyResponse {
+                    changes,
+                    notes,
+                    log_index,
+                }))
+            }
+            Ok((_, other)) => Err(Status::internal(format!("unexpected result {other:?}"))),
+            Err(e) => {
+                let mut leader = self.leader_client(&request, e)?;
+                leader.apply_topology(forwarded(request.into_inner())).await
+            }
+        }
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        if let Some(mut leader) = self.barrier_or_forward(&request).await? {
+            return leader.list_audit(forwarded(request.into_inner())).await;
+        }
+        let msg = request.get_ref();
+        let limit = match msg.limit {
+            0 => 100,
+            n => (n as usize).min(MAX_AUDIT_PAGE),
+        };
+        let data = self.node.sm.read().await;
+        let entries = data
+            .state
+            .audit
+            .iter()
+            .rev()
+            .filter(|a| msg.before_seq == 0 || a.seq < msg.before_seq)
+            .take(limit)
+            .map(convert::audit_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListAuditResponse { entries }))
+    }
+
+    #[tracing::instrument(name = "admin.add_member", skip_all, fields(id = request.get_ref().id))]
+    async fn add_member(
+        &self,
+        request: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let msg = request.get_ref();
+        check_actor_reason(&msg.actor, &msg.reason)?;
+        if msg.id == 0 {
+            return Err(Status::invalid_argument("member id must be at least 1"));
+        }
+        if msg.addr.trim().is_empty()
+            || msg.addr.parse::<std::net::SocketAddr>().is_err() && !msg.addr.contains(':')
+        {
+            return Err(Status::invalid_argument(format!(
+                "member addr {:?} is not host:port",
+                msg.addr
+            )));
+        }
+        validate_id("site", &msg.site).map_err(|e| domain_status(&e))?;
+        if self
+            .node
+            .members()
+            .iter()
+            .any(|m| m.id == msg.id && m.voter)
+        {
+            return Err(Status::already_exists(format!(
+                "node {} is already a voter",
+                msg.id
+            )));
+        }
+        let member = Member {
+            addr: msg.addr.clone(),
+            site: msg.site.clone(),
+        };
+        match self.node.add_member(msg.id, member).await {
+            Ok(log_index) => {
+                self.audit_membership(
+                    &msg.actor,
+                    &msg.reason,
+                    format!("membership.add {}", msg.id),
+                    format!("{} at {} (site {})", msg.id, msg.addr, msg.site),
+                )
+                .await;
+                Ok(Response::new(pb::MembershipResponse {
+                    members: self.node.members(),
+                    log_index,
+                }))
+            }
+            Err(e) => {
+                let mut leader = self.leader_client(&request, e)?;
+                leader.add_member(forwarded(request.into_inner())).await
+            }
+        }
+    }
+
+    #[tracing::instrument(name = "admin.remove_member", skip_all, fields(id = request.get_ref().id))]
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let msg = request.get_ref();
+        check_actor_reason(&msg.actor, &msg.reason)?;
+        let members = self.node.members();
+        if !members.iter().any(|m| m.id == msg.id) {
+            return Err(Status::not_found(format!(
+                "node {} is not a member",
+                msg.id
+            )));
+        }
+        let voters = members.iter().filter(|m| m.voter).count();
+        if voters <= 1 {
+            return Err(Status::failed_precondition(
+                "refusing to remove the last voter: the cluster would have no quorum",
+            ));
+        }
+        match self.node.remove_member(msg.id).await {
+            Ok(log_index) => {
+                self.audit_membership(
+                    &msg.actor,
+                    &msg.reason,
+                    format!("membership.remove {}", msg.id),
+                    "-".into(),
+                )
+                .await;
+                Ok(Response::new(pb::MembershipResponse {
+                    members: self.node.members(),
+                    log_index,
+                }))
+            }
+            Err(e) => {
+                let mut leader = self.leader_client(&request, e)?;
+                leader.remove_member(forwarded(request.into_inner())).await
+            }
+        }
+    }
+
+    async fn list_proposals(
+        &self,
+        request: Request<pb::ListProposalsRequest>,
+    ) -> Result<Response<pb::ListProposalsResponse>, Status> {
+        if let Some(mut leader) = self.barrier_or_forward(&request).await? {
+            return leader.list_proposals(forwarded(request.into_inner())).await;
+        }
+        let pending_only = request.get_ref().pending_only;
+        let data = self.node.sm.read().await;
+        let proposals = data
+            .state
+            .proposals
+            .values()
+            .filter(|p| !pending_only || p.status == invoker_domain::ProposalStatus::Pending)
+            .map(convert::proposal_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListProposalsResponse {
+            proposals,
+            term: self.node.raft_metrics().current_term,
+        }))
+    }
+
+    async fn approve_proposal(
+        &self,
+        _request: Request<pb::ApproveProposalRequest>,
+    ) -> Result<Response<pb::ProposalResponse>, Status> {
+        Err(Status::unimplemented(
+            "approving proposals is not available in this invoker version (it arrives with the wallet failover)",
+        ))
+    }
+
+    async fn reject_proposal(
+        &self,
+        _request: Request<pb::RejectProposalRequest>,
+    ) -> Result<Response<pb::ProposalResponse>, Status> {
+        Err(Status::unimplemented(
+            "rejecting proposals is not available in this invoker version (it arrives with the wallet failover)",
+        ))
+    }
+}
+
+impl AdminService {
+    /// Records a membership change in the audit log. The change itself is already committed;
+    /// a failure here is logged, not returned, so the caller is not told a done change failed.
+    async fn audit_membership(&self, actor: &str, reason: &str, action: String, after: String) {
+        let before = String::new();
+        let command = Command::RecordAudit {
+            action,
+            before,
+            after,
+        };
+        if let Err(e) = self
+            .node
+            .propose(domain_request(actor, reason, command))
+            .await
+        {
+            tracing::warn!("membership change done but not audited: {e:?}");
+        }
+    }
+}
+
+fn snapshot_event(snapshot: pb::DomainState) -> pb::WatchEvent {
+    pb::WatchEvent {
+        revision: snapshot.revision,
+        event: Some(pb::watch_event::Event::Snapshot(snapshot)),
+    }
+}

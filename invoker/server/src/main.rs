@@ -1,0 +1,85 @@
+//! `invoker`: one node of the control plane.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use invoker::config::Config;
+use invoker::InvokerError;
+
+/// Exit code for a configuration error (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A node of the invoker control plane (raft over gRPC)"
+)]
+struct Args {
+    /// TOML configuration file; every key can be overridden with INVOKER_* variables.
+    #[arg(long, short, env = "INVOKER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("invoker: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("invoker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(kind = e.kind(), "invoker failed: {e}");
+            eprintln!("invoker: {e}");
+            if matches!(e, InvokerError::Config(_)) {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), InvokerError> {
+    let _telemetry = telemetry::init("invoker", &format!("invoker-{}", config.node_id))
+        .map_err(|e| InvokerError::Config(e.to_string()))?;
+    let node = invoker::Node::start(&config).await?;
+    node.bootstrap(&config).await?;
+    invoker::node::serve(node, &config, shutdown_signal()).await?;
+    tracing::info!("invoker stopped cleanly");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => tracing::info!("SIGTERM received; shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received; shutting down"),
+    }
+}
