@@ -39,6 +39,14 @@ pub fn endpoint_uri(endpoint: &str) -> String {
 
 /// Opens a channel to one node (lazily connected; the first call connects).
 pub fn channel(endpoint: &str) -> Result<Channel, ClientError> {
+    channel_from(endpoint, None)
+}
+
+/// Like [`channel`], with connections made from `local_ip` (the caller's own site address).
+pub fn channel_from(
+    endpoint: &str,
+    local_ip: Option<std::net::IpAddr>,
+) -> Result<Channel, ClientError> {
     let uri = endpoint_uri(endpoint);
     let ep = Endpoint::from_shared(uri).map_err(|e| ClientError::InvalidEndpoint {
         endpoint: endpoint.to_string(),
@@ -47,6 +55,7 @@ pub fn channel(endpoint: &str) -> Result<Channel, ClientError> {
     Ok(ep
         .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
         .tcp_nodelay(true)
+        .local_address(local_ip)
         .connect_lazy())
 }
 

@@ -29,6 +29,7 @@ pub enum Command {
     /// Replace a service's routing table (a manual or automatic shift).
     SetRouting {
         service: String,
+        #[serde(with = "crate::routing::runs")]
         buckets: Vec<String>,
         /// Compare-and-swap: refuse unless the live table is at this version.
         expected_version: Option<u64>,
@@ -423,8 +424,18 @@ impl Applied {
 fn validate_request(request: &Request) -> Result<(), DomainError> {
     validate_text("actor", &request.actor, true)?;
     validate_text("reason", &request.reason, true)?;
-    if let Command::SetRouting { service, .. } = &request.command {
-        validate_id("service name", service)?;
+    match &request.command {
+        Command::SetRouting { service, .. } => validate_id("service name", service)?,
+        Command::RecordAudit {
+            action,
+            before,
+            after,
+        } => {
+            validate_text("audit action", action, true)?;
+            validate_text("audit before", before, false)?;
+            validate_text("audit after", after, false)?;
+        }
+        Command::ApplyTopology(_) => {}
     }
     Ok(())
 }

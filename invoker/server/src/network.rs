@@ -24,11 +24,17 @@ pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 pub struct Network {
     rpc_timeout: Duration,
+    /// Source address of outgoing raft connections: this node's own address, so that traffic
+    /// between sites carries the sites' address ranges (partition rules match on them).
+    local_ip: Option<std::net::IpAddr>,
 }
 
 impl Network {
-    pub fn new(rpc_timeout: Duration) -> Network {
-        Network { rpc_timeout }
+    pub fn new(rpc_timeout: Duration, local_ip: Option<std::net::IpAddr>) -> Network {
+        Network {
+            rpc_timeout,
+            local_ip,
+        }
     }
 }
 
@@ -37,7 +43,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> Connection {
         // Lazy: a dead peer costs nothing until an RPC needs it, and reconnects by itself.
-        let client = invoker_api::client::channel(&node.addr)
+        let client = invoker_api::client::channel_from(&node.addr, self.local_ip)
             .ok()
             .map(|channel| {
                 RaftTransportClient::new(channel)

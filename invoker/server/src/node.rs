@@ -65,7 +65,9 @@ impl Node {
         }
         .validate()
         .map_err(|e| InvokerError::Config(format!("raft: {e}")))?;
-        let network = Network::new(Duration::from_millis(r.rpc_timeout_ms));
+        // Bind outgoing raft connections to our own address unless we listen on a wildcard.
+        let local_ip = Some(config.listen_addr.ip()).filter(|ip| !ip.is_unspecified());
+        let network = Network::new(Duration::from_millis(r.rpc_timeout_ms), local_ip);
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),
@@ -336,7 +338,10 @@ pub async fn serve(
 
     let mut stop = stop_rx.clone();
     let grpc = crate::grpc::router(node.clone())?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Nagle off on every accepted connection: the server builder's tcp_nodelay applies only
+    // to listeners tonic binds itself, and with Nagle on, each small gRPC reply waits for the
+    // peer's delayed ACK (~40 ms per request).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let served = grpc
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;

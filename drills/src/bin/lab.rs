@@ -1,0 +1,320 @@
+//! `lab`: start, inspect and stop the local two-site lab.
+//!
+//! ```text
+//! lab up [--dir DIR] [--detach] [--invokers-only]   # foreground until Ctrl-C / SIGTERM
+//! lab status [--dir DIR] [--json]
+//! lab endpoints [--dir DIR]                          # comma-separated invoker endpoints
+//! lab down [--dir DIR]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use drills::lab::{self, Components, Lab, LabDescription, LabError, LabOptions, ProcState};
+use invoker_api::InvokerClient;
+
+const DEFAULT_DIR: &str = "/tmp/gift-lab";
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "The local two-site lab: every component as a child process"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct DirArg {
+    /// The lab directory (data, logs, pid files, lab.json).
+    #[arg(long, env = "LAB_DIR", default_value = DEFAULT_DIR)]
+    dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the lab and wait until it is healthy; stays in the foreground until Ctrl-C or
+    /// SIGTERM, then stops everything (unless --detach).
+    Up {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Print the summary and exit, leaving the lab running (`lab down` stops it).
+        #[arg(long)]
+        detach: bool,
+        /// Start only the three invoker nodes.
+        #[arg(long)]
+        invokers_only: bool,
+        /// Do not apply the lab topology.
+        #[arg(long)]
+        no_topology: bool,
+        /// Seconds to wait for the lab to become healthy.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Show every process of the lab, whether it runs, and the invoker leader.
+    Status {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the invoker endpoints, comma-separated (for `invokerctl --endpoints`).
+    Endpoints {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Stop every process of the lab (works from the pid files, even after a crash).
+    Down {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let _telemetry = telemetry::init("lab", "lab").context("initialising logging")?;
+    match cli.command {
+        Command::Up {
+            dir,
+            detach,
+            invokers_only,
+            no_topology,
+            timeout,
+        } => {
+            let mut opts = LabOptions::new(dir.dir);
+            if invokers_only {
+                opts.components = Components::InvokersOnly;
+            }
+            opts.apply_topology = !no_topology;
+            opts.health_timeout = Duration::from_secs(timeout.max(1));
+            up(opts, detach).await
+        }
+        Command::Status { dir, json } => status(&dir.dir, json).await,
+        Command::Endpoints { dir } => {
+            let desc = load(&dir.dir)?;
+            println!("{}", desc.endpoints.invokers.join(","));
+            Ok(())
+        }
+        Command::Down { dir } => down(&dir.dir),
+    }
+}
+
+fn load(dir: &Path) -> Result<LabDescription> {
+    LabDescription::load(dir).with_context(|| {
+        format!(
+            "no lab description in {} (start one with `lab up --dir {}`)",
+            dir.display(),
+            dir.display()
+        )
+    })
+}
+
+async fn up(opts: LabOptions, detach: bool) -> Result<()> {
+    let dir = opts.dir.clone();
+    eprintln!("starting the lab in {} ...", dir.display());
+    // Dropping the start future (on Ctrl-C) kills whatever it had started.
+    let lab = tokio::select! {
+        lab = Lab::start(opts) => lab.map_err(explain)?,
+        () = shutdown_signal() => bail!("interrupted while starting; stopped what had started"),
+    };
+    print_summary(lab.describe());
+    if detach {
+        let desc = lab.detach();
+        println!(
+            "detached; stop it with: lab down --dir {}",
+            desc.dir.display()
+        );
+        return Ok(());
+    }
+    println!("running in the foreground; Ctrl-C stops everything");
+    let mut lab = lab;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            () = &mut signal => break,
+            _ = tick.tick() => {
+                for (name, status) in lab.poll_exits() {
+                    eprintln!("warning: {name} exited ({status})");
+                }
+            }
+        }
+    }
+    eprintln!("stopping the lab ...");
+    lab.down().await?;
+    eprintln!("stopped");
+    Ok(())
+}
+
+/// Keeps the lab error (it names what failed and how to fix it) under a short context.
+fn explain(e: LabError) -> anyhow::Error {
+    anyhow::Error::new(e).context("the lab did not start")
+}
+
+fn print_summary(desc: &LabDescription) {
+    let secs = desc.healthy_after_ms.unwrap_or(0) as f64 / 1000.0;
+    println!(
+        "lab healthy after {secs:.2} s in {} ({} processes)",
+        desc.dir.display(),
+        desc.processes.len()
+    );
+    print_table(desc, None);
+    println!("invoker endpoints: {}", desc.endpoints.invokers.join(","));
+    for (site, url) in &desc.endpoints.postgres {
+        println!("postgres {site}: {url}");
+    }
+    for (site, url) in &desc.endpoints.etcd {
+        println!("etcd {site}: {url}");
+    }
+    if let Some(t) = &desc.topology {
+        println!("topology: {}", t.display());
+    }
+    println!("logs: {}", desc.dir.join(lab::LOGS_DIR).display());
+}
+
+fn print_table(desc: &LabDescription, states: Option<&[ProcState]>) {
+    println!(
+        "{:<11} {:<8} {:<7} {:>7} {:<8} ADDRESS",
+        "NAME", "KIND", "SITE", "PID", "STATE"
+    );
+    for (i, p) in desc.processes.iter().enumerate() {
+        let state = states
+            .and_then(|s| s.get(i).copied())
+            .unwrap_or_else(|| p.state());
+        println!(
+            "{:<11} {:<8} {:<7} {:>7} {:<8} {}",
+            p.name,
+            p.kind.to_string(),
+            p.site,
+            p.pid,
+            state.to_string(),
+            p.main_addr().unwrap_or("-")
+        );
+    }
+}
+
+/// The leader as the cluster sees it, or why it could not be found.
+async fn leader(desc: &LabDescription) -> Result<invoker_api::pb::ClusterStatus, String> {
+    let find = async {
+        let client = InvokerClient::connect_leader(&desc.endpoints.invokers)
+            .await
+            .map_err(|e| e.to_string())?;
+        client.status().await.map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), find).await {
+        Ok(result) => result,
+        Err(_) => Err("no answer within 5 s".into()),
+    }
+}
+
+async fn status(dir: &Path, json: bool) -> Result<()> {
+    let desc = load(dir)?;
+    let states: Vec<ProcState> = desc.processes.iter().map(|p| p.state()).collect();
+    let any_invoker = desc
+        .processes
+        .iter()
+        .zip(&states)
+        .any(|(p, s)| p.kind == lab::ProcessKind::Invoker && *s == ProcState::Running);
+    let leader = if any_invoker {
+        leader(&desc).await
+    } else {
+        Err("no invoker is running".into())
+    };
+    let leader_name = |id: u64| {
+        desc.processes
+            .iter()
+            .find(|p| p.node_id == Some(id))
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| format!("invoker-{id}"))
+    };
+    if json {
+        let processes: Vec<serde_json::Value> = desc
+            .processes
+            .iter()
+            .zip(&states)
+            .map(|(p, s)| {
+                serde_json::json!({
+                    "name": p.name, "kind": p.kind, "site": p.site, "pid": p.pid,
+                    "state": s, "listen": p.listen, "log": p.log,
+                })
+            })
+            .collect();
+        let leader = match &leader {
+            Ok(s) => serde_json::json!({
+                "id": s.leader_id, "name": leader_name(s.leader_id), "addr": s.leader_addr,
+                "term": s.term, "commit_index": s.commit_index, "members": s.members.len(),
+            }),
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+        let out = serde_json::json!({
+            "dir": desc.dir, "started_at": desc.started_at,
+            "healthy_after_ms": desc.healthy_after_ms, "processes": processes,
+            "leader": leader, "endpoints": desc.endpoints,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "lab in {} (started {}, {})",
+        desc.dir.display(),
+        desc.started_at,
+        match desc.healthy_after_ms {
+            Some(ms) => format!("healthy after {:.2} s", ms as f64 / 1000.0),
+            None => "never became healthy".into(),
+        }
+    );
+    print_table(&desc, Some(&states));
+    match leader {
+        Ok(s) => println!(
+            "leader: {} (node {}, {}) term {} commit {}",
+            leader_name(s.leader_id),
+            s.leader_id,
+            s.leader_addr,
+            s.term,
+            s.commit_index
+        ),
+        Err(e) => println!("leader: unknown ({e})"),
+    }
+    Ok(())
+}
+
+fn down(dir: &Path) -> Result<()> {
+    let report =
+        lab::down_dir(dir).with_context(|| format!("stopping the lab in {}", dir.display()))?;
+    for name in &report.stopped {
+        println!("stopped {name}");
+    }
+    for name in &report.killed {
+        println!("killed  {name} (did not stop within {:?})", lab::DOWN_GRACE);
+    }
+    if report.stopped.is_empty() && report.killed.is_empty() {
+        println!("nothing was running in {}", dir.display());
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                eprintln!("warning: cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,155 @@
+//! The invoker nodes: their config files and the topology the lab applies.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use invoker_domain::{ServiceClass, ServiceSpec, SiteRole, SiteSpec, Topology, WriterSpec};
+use serde::Serialize;
+
+use super::{LabError, RaftOverrides};
+
+/// One invoker node of the lab.
+#[derive(Debug, Clone)]
+pub(crate) struct InvokerPlan {
+    pub id: u64,
+    pub site: String,
+    pub grpc: String,
+    pub metrics: String,
+}
+
+impl InvokerPlan {
+    pub fn name(&self) -> String {
+        format!("invoker-{}", self.id)
+    }
+}
+
+/// Mirrors the invoker's `Config` (invoker/server/src/config.rs), which denies unknown fields.
+#[derive(Serialize)]
+struct InvokerToml<'a> {
+    node_id: u64,
+    site: &'a str,
+    listen_addr: &'a str,
+    metrics_addr: &'a str,
+    data_dir: &'a Path,
+    raft: &'a RaftOverrides,
+    initial_members: Vec<MemberToml<'a>>,
+}
+
+#[derive(Serialize)]
+struct MemberToml<'a> {
+    id: u64,
+    addr: &'a str,
+    site: &'a str,
+}
+
+/// Writes `DIR/invoker-<id>/invoker.toml` and returns its path and the node's data dir.
+pub(crate) fn write_config(
+    dir: &Path,
+    node: &InvokerPlan,
+    all: &[InvokerPlan],
+    raft: &RaftOverrides,
+) -> Result<(PathBuf, PathBuf), LabError> {
+    let home = dir.join(node.name());
+    let data_dir = home.join("data");
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| LabError::io(format!("creating {}", data_dir.display()), e))?;
+    let config = InvokerToml {
+        node_id: node.id,
+        site: &node.site,
+        listen_addr: &node.grpc,
+        metrics_addr: &node.metrics,
+        data_dir: &data_dir,
+        raft,
+        initial_members: all
+            .iter()
+            .map(|m| MemberToml {
+                id: m.id,
+                addr: &m.grpc,
+                site: &m.site,
+            })
+            .collect(),
+    };
+    let path = home.join("invoker.toml");
+    let text = toml::to_string(&config)?;
+    std::fs::write(&path, text)
+        .map_err(|e| LabError::io(format!("writing {}", path.display()), e))?;
+    Ok((path, data_dir))
+}
+
+/// The lab's topology: sites `a` and `b`, a witness, the stateless `gift-api` and the strong
+/// `wallet` written in site a (`wallet_dsn` is site a's PostgreSQL).
+pub fn lab_topology(wallet_dsn: &str) -> Topology {
+    let even = BTreeMap::from([("a".to_string(), 50), ("b".to_string(), 50)]);
+    Topology {
+        sites: vec![
+            SiteSpec {
+                id: "a".into(),
+                role: SiteRole::Site,
+            },
+            SiteSpec {
+                id: "b".into(),
+                role: SiteRole::Site,
+            },
+            SiteSpec {
+                id: "witness".into(),
+                role: SiteRole::Witness,
+            },
+        ],
+        services: vec![
+            ServiceSpec {
+                name: "gift-api".into(),
+                class: ServiceClass::Stateless,
+                routing: even.clone(),
+                writer: None,
+            },
+            ServiceSpec {
+                name: "wallet".into(),
+                class: ServiceClass::Strong,
+                routing: even,
+                writer: Some(WriterSpec {
+                    site: "a".into(),
+                    dsn: wallet_dsn.to_string(),
+                }),
+            },
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topology_is_valid_and_round_trips_through_toml() {
+        let t = lab_topology("postgres://postgres@127.0.1.3:5555/gift");
+        t.validate().unwrap();
+        let text = toml::to_string(&t).unwrap();
+        assert_eq!(Topology::from_toml(&text).unwrap(), t);
+    }
+
+    #[test]
+    fn config_lists_every_member_and_only_the_overridden_raft_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<InvokerPlan> = (1..=3)
+            .map(|id| InvokerPlan {
+                id,
+                site: ["a", "b", "witness"][usize::try_from(id - 1).unwrap()].into(),
+                grpc: format!("127.0.{id}.1:700{id}"),
+                metrics: format!("127.0.{id}.1:800{id}"),
+            })
+            .collect();
+        let raft = RaftOverrides {
+            snapshot_logs_since_last: Some(10),
+            ..RaftOverrides::default()
+        };
+        let (path, data) = write_config(dir.path(), &nodes[1], &nodes, &raft).unwrap();
+        assert!(data.is_dir());
+        let value: toml::Value = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(value["node_id"].as_integer(), Some(2));
+        assert_eq!(value["site"].as_str(), Some("b"));
+        assert_eq!(value["initial_members"].as_array().unwrap().len(), 3);
+        let raft = value["raft"].as_table().unwrap();
+        assert_eq!(raft.len(), 1);
+        assert_eq!(raft["snapshot_logs_since_last"].as_integer(), Some(10));
+    }
+}

@@ -1,0 +1,805 @@
+//! The local two-site lab: every component of the deployment as a child process on one
+//! machine, on per-site loopback ranges (site a = 127.0.1.x, site b = 127.0.2.x,
+//! witness = 127.0.3.x) and free ports.
+//!
+//! | process      | site    | address        |
+//! |--------------|---------|----------------|
+//! | `invoker-1`  | a       | 127.0.1.1      |
+//! | `invoker-2`  | b       | 127.0.2.1      |
+//! | `invoker-3`  | witness | 127.0.3.1      |
+//! | `etcd-a`     | a       | 127.0.1.2      |
+//! | `etcd-b`     | b       | 127.0.2.2      |
+//! | `postgres-a` | a       | 127.0.1.3 (primary)            |
+//! | `postgres-b` | b       | 127.0.2.3 (streaming replica)  |
+//!
+//! Each child leads its own process group, logs to `DIR/logs/<name>.log`, and is recorded in
+//! `DIR/pids/<name>.pid` the moment it is spawned and in `DIR/lab.json`, so that [`down_dir`]
+//! (`lab down`) can stop everything even after the lab process itself crashed. A pid is only
+//! ever signalled if its start time still matches the recorded one.
+
+mod describe;
+mod error;
+mod etcd;
+mod invoker;
+mod paths;
+mod postgres;
+mod proc;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use invoker_api::{pb, InvokerClient};
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+pub use describe::{
+    Components, Endpoints, LabDescription, PidRecord, ProcessInfo, ProcessKind, LAB_JSON, LOGS_DIR,
+    PIDS_DIR, TOPOLOGY_TOML,
+};
+pub use error::LabError;
+pub use invoker::lab_topology;
+pub use paths::{bin_dir, etcd_bin, find_bin, pg_bin_dir, running_processes};
+pub use postgres::{DATABASE, REPLICA_SLOT};
+pub use proc::{pid_alive, process_state, tail, ProcState, LAB_DIR_ENV};
+
+use etcd::EtcdPlan;
+use invoker::InvokerPlan;
+use postgres::{PgPlan, PgSetup};
+use proc::{ProcId, SpawnSpec, Target};
+
+/// Raft settings written into every invoker's config; `None` keeps the invoker's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub election_timeout_min_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub election_timeout_max_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_logs_since_last: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logs_kept_after_snapshot: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpc_timeout_ms: Option<u64>,
+}
+
+/// How to start a lab.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// The lab directory: created if missing; a previous lab's leftovers in it are wiped; a
+    /// non-empty directory that is not a lab's is refused.
+    pub dir: PathBuf,
+    pub components: Components,
+    pub raft: RaftOverrides,
+    /// Extra environment variables of every invoker (`RUST_LOG`, `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub invoker_env: Vec<(String, String)>,
+    /// Apply [`lab_topology`] through the admin API once the invokers have a leader.
+    pub apply_topology: bool,
+    /// How long [`Lab::start`] (and [`Lab::restart`]) wait for health.
+    pub health_timeout: Duration,
+}
+
+impl LabOptions {
+    /// A full lab in `dir`, default raft settings, topology applied, 60 s to become healthy.
+    pub fn new(dir: impl Into<PathBuf>) -> LabOptions {
+        LabOptions {
+            dir: dir.into(),
+            components: Components::Full,
+            raft: RaftOverrides::default(),
+            invoker_env: Vec::new(),
+            apply_topology: true,
+            health_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Only the three invoker nodes.
+    pub fn invokers_only(dir: impl Into<PathBuf>) -> LabOptions {
+        LabOptions {
+            components: Components::InvokersOnly,
+            ..LabOptions::new(dir)
+        }
+    }
+}
+
+/// What [`down_dir`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DownReport {
+    /// Exited after SIGTERM (SIGINT for postgres).
+    pub stopped: Vec<String>,
+    /// Needed SIGKILL.
+    pub killed: Vec<String>,
+    /// Were not running any more (or their pid belongs to another process now).
+    pub not_running: Vec<String>,
+}
+
+/// Grace period of [`down_dir`] and [`Lab::down`] before SIGKILL.
+pub const DOWN_GRACE: Duration = Duration::from_secs(5);
+/// Grace period of [`Lab::stop`] before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Stops every process of the lab in `dir` from its pid files and `lab.json` (no running lab
+/// needed): SIGTERM to each process tree (SIGINT to a postmaster: fast shutdown), up to 5 s,
+/// then SIGKILL. A pid is signalled only if its start time matches the recorded one.
+pub fn down_dir(dir: &Path) -> Result<DownReport, LabError> {
+    let records = PidRecord::load_all(dir);
+    if records.is_empty() && !dir.join(LAB_JSON).exists() && !dir.join(describe::MARKER).exists() {
+        return Err(LabError::NoLab(dir.to_path_buf()));
+    }
+    let targets: Vec<Target> = records.iter().map(Target::from).collect();
+    let out = proc::terminate(&targets, DOWN_GRACE);
+    if !out.remaining.is_empty() {
+        return Err(LabError::StillRunning(out.remaining));
+    }
+    for rec in &records {
+        PidRecord::remove(dir, &rec.name);
+    }
+    Ok(DownReport {
+        stopped: out.graceful,
+        killed: out.killed,
+        not_running: out.not_running,
+    })
+}
+
+pub(crate) fn lock(reg: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
+    // A panic while holding the lock leaves the registry usable: it is plain data.
+    reg.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The children of a lab and their description. Dropping it kills every child still held.
+pub(crate) struct Registry {
+    desc: LabDescription,
+    children: BTreeMap<String, tokio::process::Child>,
+    specs: BTreeMap<String, SpawnSpec>,
+}
+
+impl Registry {
+    fn new(desc: LabDescription) -> Registry {
+        Registry {
+            desc,
+            children: BTreeMap::new(),
+            specs: BTreeMap::new(),
+        }
+    }
+
+    /// Spawns a child and records it at once (pid file, then lab.json).
+    pub(crate) fn spawn(&mut self, spec: SpawnSpec, mut info: ProcessInfo) -> Result<(), LabError> {
+        let (child, id) = spec.spawn()?;
+        info.pid = id.pid;
+        // process_group(0): the child leads a group whose id is its pid.
+        info.pgid = id.pid;
+        info.start_ticks = id.start_ticks;
+        let record = info.pid_record();
+        self.children.insert(info.name.clone(), child);
+        self.specs.insert(info.name.clone(), spec);
+        self.desc.upsert(info);
+        record.save(&self.desc.dir)?;
+        self.desc.save()
+    }
+
+    /// Fails if a child (or only the one named) exited: while starting, every child must
+    /// stay up.
+    pub(crate) fn check_exited(&mut self, only: Option<&str>) -> Result<(), LabError> {
+        let exited = self.poll_exits(only);
+        match exited.into_iter().next() {
+            None => Ok(()),
+            Some((name, status)) => {
+                let log = self
+                    .desc
+                    .process(&name)
+                    .map(|p| p.log.clone())
+                    .unwrap_or_default();
+                Err(LabError::ProcessExited {
+                    name,
+                    status,
+                    tail: tail(&log, 30),
+                    log,
+                })
+            }
+        }
+    }
+
+    /// Reaps children (or only the one named) that exited; returns names and exit statuses.
+    fn poll_exits(&mut self, only: Option<&str>) -> Vec<(String, String)> {
+        let mut exited = Vec::new();
+        for (name, child) in &mut self.children {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            match child.try_wait() {
+                Ok(Some(status)) => exited.push((name.clone(), status.to_string())),
+                Ok(None) => {}
+                Err(e) => exited.push((name.clone(), format!("unknown status: {e}"))),
+            }
+        }
+        for (name, _) in &exited {
+            self.children.remove(name);
+            PidRecord::remove(&self.desc.dir, name);
+        }
+        exited
+    }
+
+    fn proc_id(&self, name: &str) -> Result<(ProcId, u32), LabError> {
+        let info = self
+            .desc
+            .process(name)
+            .ok_or_else(|| LabError::UnknownProcess(name.to_string()))?;
+        Ok((
+            ProcId {
+                pid: info.pid,
+                start_ticks: info.start_ticks,
+            },
+            info.pgid,
+        ))
+    }
+
+    fn target(&self, name: &str) -> Result<Target, LabError> {
+        let info = self
+            .desc
+            .process(name)
+            .ok_or_else(|| LabError::UnknownProcess(name.to_string()))?;
+        Ok(Target::from(&info.pid_record()))
+    }
+
+    /// Reaps a child known to be dead or dying (waits up to 2 s) and forgets it.
+    fn reap_sync(&mut self, name: &str) {
+        if let Some(mut child) = self.children.remove(name) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        PidRecord::remove(&self.desc.dir, name);
+    }
+
+    /// SIGKILL to every child's tree, then reap (synchronous, best effort).
+    fn kill_all(&mut self) {
+        if self.children.is_empty() {
+            return;
+        }
+        let names: Vec<String> = self.children.keys().cloned().collect();
+        let mut trees = BTreeMap::new();
+        for name in &names {
+            if let Ok((leader, pgid)) = self.proc_id(name) {
+                let procs = proc::tree(leader, pgid);
+                proc::signal_all(&procs, Signal::SIGKILL);
+                trees.insert(name.clone(), procs);
+            }
+        }
+        proc::wait_trees_gone(&trees, Duration::from_secs(5));
+        for name in &names {
+            if let Some(child) = self.children.get_mut(name) {
+                // In case the tree walk missed it (it must not outlive us).
+                let _ = child.start_kill();
+            }
+            self.reap_sync(name);
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Polls `attempt` every 50 ms until it succeeds, `check` fails (a child exited), or
+/// `deadline` passes.
+pub(crate) async fn poll_until<C, F, Fut>(
+    mut check: C,
+    started: Instant,
+    deadline: Instant,
+    what: &str,
+    mut attempt: F,
+) -> Result<(), LabError>
+where
+    C: FnMut() -> Result<(), LabError>,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    loop {
+        check()?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let last = match tokio::time::timeout(left.max(Duration::from_millis(100)), attempt()).await
+        {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => "the last attempt timed out".to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(LabError::Timeout {
+                what: what.to_string(),
+                after: started.elapsed(),
+                detail: last,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Milliseconds since `started` (for progress logs).
+pub(crate) fn ms(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The loopback address of `host` in `site` (a = 127.0.1.x, b = 127.0.2.x, else 127.0.3.x).
+pub fn site_ip(site: &str, host: u8) -> Ipv4Addr {
+    let third = match site {
+        "a" => 1,
+        "b" => 2,
+        _ => 3,
+    };
+    Ipv4Addr::new(127, 0, third, host)
+}
+
+/// Every address and port of one lab, picked before anything starts.
+struct Plan {
+    invokers: Vec<InvokerPlan>,
+    etcds: Vec<EtcdPlan>,
+    primary: PgPlan,
+    replica: PgPlan,
+}
+
+impl Plan {
+    fn new() -> Result<Plan, LabError> {
+        let inv_sites = ["a", "b", "witness"];
+        let mut ips = Vec::new();
+        for site in inv_sites {
+            ips.push(site_ip(site, 1)); // grpc
+            ips.push(site_ip(site, 1)); // metrics
+        }
+        for site in ["a", "b"] {
+            ips.push(site_ip(site, 2)); // etcd client
+            ips.push(site_ip(site, 2)); // etcd peer
+        }
+        ips.push(site_ip("a", 3));
+        ips.push(site_ip("b", 3));
+        let ports = paths::free_ports(&ips)?;
+        let addr = |i: usize| format!("{}:{}", ips[i], ports[i]);
+        let invokers = inv_sites
+            .iter()
+            .enumerate()
+            .map(|(i, site)| InvokerPlan {
+                id: u64::try_from(i).unwrap_or(0) + 1,
+                site: (*site).to_string(),
+                grpc: addr(2 * i),
+                metrics: addr(2 * i + 1),
+            })
+            .collect();
+        let etcds = ["a", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, site)| EtcdPlan {
+                site: (*site).to_string(),
+                client: addr(6 + 2 * i),
+                peer: addr(7 + 2 * i),
+            })
+            .collect();
+        let pg = |i: usize, site: &str| PgPlan {
+            site: site.to_string(),
+            host: ips[i].to_string(),
+            port: ports[i],
+        };
+        Ok(Plan {
+            invokers,
+            etcds,
+            primary: pg(10, "a"),
+            replica: pg(11, "b"),
+        })
+    }
+}
+
+/// A running lab. Dropping it kills every child (so a failing test leaves nothing behind);
+/// [`Lab::down`] stops them gracefully; [`Lab::detach`] leaves them running.
+pub struct Lab {
+    reg: Registry,
+    pg: Option<PgSetup>,
+    health_timeout: Duration,
+}
+
+impl Lab {
+    /// Starts the lab and waits until it is healthy: the invokers have a leader (and the
+    /// topology is applied, if asked), each etcd takes a write, and the replica streams.
+    /// Invokers and etcd start at once; PostgreSQL's initdb runs meanwhile.
+    pub async fn start(opts: LabOptions) -> Result<Lab, LabError> {
+        let started = Instant::now();
+        if opts.health_timeout.is_zero() {
+            return Err(LabError::Options(
+                "health_timeout must be above zero".into(),
+            ));
+        }
+        let deadline = started + opts.health_timeout;
+        let full = opts.components == Components::Full;
+        let invoker_bin = find_bin("invoker")?;
+        let (etcd_bin, pg) = if full {
+            (Some(etcd_bin()?), Some(PgSetup::detect()?))
+        } else {
+            (None, None)
+        };
+        let dir = paths::prepare_dir(&opts.dir)?;
+        if let Some((uid, gid)) = pg.as_ref().and_then(|p| p.run_as) {
+            paths::check_traversable(&dir, uid, gid)?;
+        }
+        let plan = Plan::new()?;
+
+        let mut desc = LabDescription::new(&dir, opts.components);
+        desc.endpoints.invokers = plan.invokers.iter().map(|n| n.grpc.clone()).collect();
+        if full {
+            for e in &plan.etcds {
+                desc.endpoints.etcd.insert(e.site.clone(), e.client_url());
+            }
+            for p in [&plan.primary, &plan.replica] {
+                desc.endpoints.postgres.insert(p.site.clone(), p.url());
+            }
+        }
+        // Without PostgreSQL (invokers only) the wallet's DSN names where it would run.
+        let topology = lab_topology(&plan.primary.url());
+        topology.validate()?;
+        let topology_path = dir.join(TOPOLOGY_TOML);
+        describe::write_atomic(&topology_path, &toml::to_string(&topology)?)?;
+        desc.topology = Some(topology_path);
+        desc.save()?;
+
+        let reg = Mutex::new(Registry::new(desc));
+        let env: BTreeMap<String, String> = opts.invoker_env.iter().cloned().collect();
+        for node in &plan.invokers {
+            let (config, data_dir) = invoker::write_config(&dir, node, &plan.invokers, &opts.raft)?;
+            let name = node.name();
+            let log = dir.join(LOGS_DIR).join(format!("{name}.log"));
+            let spec = SpawnSpec {
+                name: name.clone(),
+                program: invoker_bin.clone(),
+                args: vec!["--config".into(), config.display().to_string()],
+                env: env.clone(),
+                run_as: None,
+                cwd: dir.clone(),
+                log: log.clone(),
+                lab_dir: dir.clone(),
+            };
+            let info = ProcessInfo {
+                name,
+                kind: ProcessKind::Invoker,
+                site: node.site.clone(),
+                node_id: Some(node.id),
+                pid: 0,
+                pgid: 0,
+                start_ticks: 0,
+                listen: BTreeMap::from([
+                    ("grpc".to_string(), node.grpc.clone()),
+                    ("metrics".to_string(), node.metrics.clone()),
+                ]),
+                log,
+                data_dir,
+                config: Some(config),
+                command: spec.command_line(),
+                env: env.clone(),
+                user: None,
+                restarts: 0,
+            };
+            lock(&reg).spawn(spec, info)?;
+        }
+        if let Some(bin) = &etcd_bin {
+            for e in &plan.etcds {
+                let (spec, info) = e.spec(&dir, bin);
+                lock(&reg).spawn(spec, info)?;
+            }
+        }
+
+        let endpoints: Vec<String> = plan.invokers.iter().map(|n| n.grpc.clone()).collect();
+        let invokers = async {
+            poll_until(
+                || lock(&reg).check_exited(None),
+                started,
+                deadline,
+                "an invoker leader",
+                || async {
+                    InvokerClient::connect_leader(&endpoints)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                },
+            )
+            .await?;
+            tracing::info!(elapsed_ms = ms(started), "lab: the invokers have a leader");
+            if opts.apply_topology {
+                let request = pb::ApplyTopologyRequest {
+                    topology: Some(invoker_api::convert::topology_to_pb(&topology)),
+                    actor: "lab".into(),
+                    reason: "lab up".into(),
+                };
+                poll_until(
+                    || lock(&reg).check_exited(None),
+                    started,
+                    deadline,
+                    "the topology to apply",
+                    || async {
+                        let client = InvokerClient::connect_leader(&endpoints)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let response = client
+                            .admin()
+                            .apply_topology(request.clone())
+                            .await
+                            .map_err(|e| format!("{:?}: {}", e.code(), e.message()))?
+                            .into_inner();
+                        tracing::info!(
+                            log_index = response.log_index,
+                            changes = ?response.changes,
+                            notes = ?response.notes,
+                            "lab topology applied"
+                        );
+                        Ok(())
+                    },
+                )
+                .await?;
+            }
+            Ok::<(), LabError>(())
+        };
+        let etcds = async {
+            if !full {
+                return Ok(());
+            }
+            let checks = plan.etcds.iter().map(|e| {
+                let url = e.client_url();
+                let what = format!("{} to take a write", e.name());
+                let reg = &reg;
+                async move {
+                    let check = || lock(reg).check_exited(None);
+                    poll_until(check, started, deadline, &what, || etcd::check(&url)).await
+                }
+            });
+            futures::future::try_join_all(checks).await?;
+            tracing::info!(elapsed_ms = ms(started), "lab: etcd healthy");
+            Ok::<(), LabError>(())
+        };
+        let postgres = async {
+            let Some(pg) = &pg else {
+                return Ok(());
+            };
+            let (primary, replica) = (&plan.primary, &plan.replica);
+            postgres::start(&reg, &dir, pg, primary, replica, started, deadline).await?;
+            tracing::info!(elapsed_ms = ms(started), "lab: the replica streams");
+            Ok::<(), LabError>(())
+        };
+        tokio::try_join!(invokers, etcds, postgres)?;
+
+        let mut reg = reg.into_inner().unwrap_or_else(PoisonError::into_inner);
+        reg.desc.healthy_after_ms = Some(ms(started));
+        reg.desc.save()?;
+        Ok(Lab {
+            reg,
+            pg,
+            health_timeout: opts.health_timeout,
+        })
+    }
+
+    /// The content of `lab.json`.
+    pub fn describe(&self) -> &LabDescription {
+        &self.reg.desc
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.reg.desc.dir
+    }
+
+    /// Invoker gRPC endpoints (`host:port`), node 1 first.
+    pub fn invoker_endpoints(&self) -> Vec<String> {
+        self.reg.desc.endpoints.invokers.clone()
+    }
+
+    pub fn process(&self, name: &str) -> Option<&ProcessInfo> {
+        self.reg.desc.process(name)
+    }
+
+    /// True if the process runs (a paused one counts as running).
+    pub fn is_running(&self, name: &str) -> bool {
+        self.reg
+            .proc_id(name)
+            .is_ok_and(|(leader, _)| leader.alive())
+    }
+
+    /// SIGKILL to the process and its whole tree; waits until it is gone and reaps it.
+    pub fn kill(&mut self, name: &str) -> Result<(), LabError> {
+        let (leader, pgid) = self.reg.proc_id(name)?;
+        if !leader.alive() {
+            self.reg.reap_sync(name);
+            return Err(LabError::NotRunning(name.to_string()));
+        }
+        let gone = proc::kill_tree(leader, pgid);
+        self.reg.reap_sync(name);
+        if gone {
+            Ok(())
+        } else {
+            Err(LabError::StillRunning(vec![name.to_string()]))
+        }
+    }
+
+    /// SIGSTOP to the whole tree: the process freezes (a gray failure).
+    pub fn pause(&self, name: &str) -> Result<(), LabError> {
+        let (leader, pgid) = self.reg.proc_id(name)?;
+        proc::signal_tree(name, leader, pgid, Signal::SIGSTOP)
+    }
+
+    /// SIGCONT to the whole tree.
+    pub fn resume(&self, name: &str) -> Result<(), LabError> {
+        let (leader, pgid) = self.reg.proc_id(name)?;
+        proc::signal_tree(name, leader, pgid, Signal::SIGCONT)
+    }
+
+    /// Graceful stop: SIGTERM (SIGINT for postgres), up to 10 s, then SIGKILL.
+    pub async fn stop(&mut self, name: &str) -> Result<(), LabError> {
+        let target = self.reg.target(name)?;
+        if !target.leader.alive() {
+            self.reg.reap_sync(name);
+            return Err(LabError::NotRunning(name.to_string()));
+        }
+        let out = tokio::task::spawn_blocking(move || proc::terminate(&[target], STOP_GRACE))
+            .await
+            .map_err(|e| LabError::io("stopping", std::io::Error::other(e)))?;
+        self.reap(name).await;
+        if out.remaining.is_empty() {
+            Ok(())
+        } else {
+            Err(LabError::StillRunning(out.remaining))
+        }
+    }
+
+    /// Respawns the process with the same command, config and data directory (stopping it
+    /// gracefully first if it still runs), records the new pid, and waits until it serves
+    /// again (invoker: gRPC port open; etcd: takes a write; postgres: answers `select 1`).
+    pub async fn restart(&mut self, name: &str) -> Result<(), LabError> {
+        let spec = self
+            .reg
+            .specs
+            .get(name)
+            .cloned()
+            .ok_or_else(|| LabError::UnknownProcess(name.to_string()))?;
+        if self.is_running(name) {
+            self.stop(name).await?;
+        }
+        let mut info = self
+            .reg
+            .desc
+            .process(name)
+            .cloned()
+            .ok_or_else(|| LabError::UnknownProcess(name.to_string()))?;
+        info.restarts += 1;
+        self.reg.spawn(spec, info.clone())?;
+        self.wait_ready(&info).await
+    }
+
+    async fn wait_ready(&mut self, info: &ProcessInfo) -> Result<(), LabError> {
+        let started = Instant::now();
+        let deadline = started + self.health_timeout;
+        let addr = info.main_addr().unwrap_or_default().to_string();
+        let what = format!("{} to serve on {addr}", info.name);
+        let pg = self.pg.clone();
+        let reg = &mut self.reg;
+        let check = || reg.check_exited(Some(&info.name));
+        poll_until(check, started, deadline, &what, || {
+            let addr = addr.clone();
+            let pg = pg.clone();
+            let kind = info.kind;
+            async move {
+                match (kind, pg) {
+                    (ProcessKind::Invoker, _) => tokio::net::TcpStream::connect(&addr)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| format!("{addr}: {e}")),
+                    (ProcessKind::Etcd, _) => etcd::check(&format!("http://{addr}")).await,
+                    (ProcessKind::Postgres, Some(pg)) => {
+                        let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, "0"));
+                        let port = port.parse().unwrap_or(0);
+                        postgres::psql(&pg.bin, host, port, "postgres", "select 1")
+                            .await
+                            .map(|_| ())
+                    }
+                    (ProcessKind::Postgres, None) => Err("no PostgreSQL set-up".into()),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Stops everything gracefully (SIGTERM / SIGINT for postgres, up to 5 s, then SIGKILL)
+    /// and reaps the children. Afterwards nothing of the lab runs.
+    pub async fn down(mut self) -> Result<(), LabError> {
+        let targets: Vec<Target> = self
+            .reg
+            .desc
+            .processes
+            .iter()
+            .map(|p| Target::from(&p.pid_record()))
+            .collect();
+        let out = tokio::task::spawn_blocking(move || proc::terminate(&targets, DOWN_GRACE))
+            .await
+            .map_err(|e| LabError::io("stopping the lab", std::io::Error::other(e)))?;
+        let names: Vec<String> = self.reg.children.keys().cloned().collect();
+        for name in names {
+            self.reap(&name).await;
+        }
+        if out.remaining.is_empty() {
+            Ok(())
+        } else {
+            Err(LabError::StillRunning(out.remaining))
+        }
+    }
+
+    /// Reaps a child that was told to exit (waits up to 5 s) and forgets it.
+    async fn reap(&mut self, name: &str) {
+        if let Some(mut child) = self.reg.children.remove(name) {
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.start_kill();
+                let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+            }
+        }
+        PidRecord::remove(&self.reg.desc.dir, name);
+    }
+
+    /// Leaves every child running and returns the description (for `lab up --detach`);
+    /// `lab down` / [`down_dir`] stop them later.
+    pub fn detach(mut self) -> LabDescription {
+        // Dropping a tokio Child neither kills nor waits for it.
+        self.reg.children.clear();
+        self.reg.desc.clone()
+    }
+
+    /// Reaps children that exited since the last call (foreground `lab up` reports them).
+    pub fn poll_exits(&mut self) -> Vec<(String, String)> {
+        self.reg.poll_exits(None)
+    }
+
+    /// Runs one SQL statement with `psql` against a postgres process of the lab (`postgres-a`,
+    /// `postgres-b`) and returns the unaligned, tuples-only output.
+    pub async fn psql(&self, name: &str, db: &str, sql: &str) -> Result<String, LabError> {
+        let info = self
+            .process(name)
+            .filter(|p| p.kind == ProcessKind::Postgres)
+            .ok_or_else(|| LabError::UnknownProcess(name.to_string()))?;
+        let pg = self
+            .pg
+            .as_ref()
+            .ok_or_else(|| LabError::UnknownProcess(name.to_string()))?;
+        let addr = info.main_addr().unwrap_or_default();
+        let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "0"));
+        postgres::psql(&pg.bin, host, port.parse().unwrap_or(0), db, sql)
+            .await
+            .map_err(|detail| LabError::CommandFailed {
+                command: format!("psql -c {sql:?}"),
+                status: "failed".into(),
+                log: info.log.clone(),
+                tail: detail,
+            })
+    }
+
+    /// The current invoker leader: its node id and process name (`invoker-<id>`).
+    pub async fn invoker_leader(&self, timeout: Duration) -> Result<(u64, String), LabError> {
+        let client = InvokerClient::wait_for_leader(&self.invoker_endpoints(), timeout).await?;
+        let status = client.status().await?;
+        let id = status.leader_id;
+        let name = self
+            .reg
+            .desc
+            .processes
+            .iter()
+            .find(|p| p.node_id == Some(id))
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| format!("invoker-{id}"));
+        Ok((id, name))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Best effort and synchronous: a failing test must leave nothing running.
+        self.reg.kill_all();
+    }
+}
