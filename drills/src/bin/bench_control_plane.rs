@@ -3,8 +3,8 @@
 //! Both run on this machine in the same run: the lab's three invoker nodes (raft over gRPC,
 //! redb log fsync'd) and a three-member etcd cluster (etcd's own WAL fsync), each on the
 //! per-site loopback ranges. Every client writes sequentially (closed loop); N clients run at
-//! once. The invoker write is a `SetRouting` of 1024 buckets; the etcd write is a `put` whose
-//! value has the same size as that request's protobuf encoding.
+//! once. The invoker write is a `SetRouting` that moves all 1024 buckets to the other site;
+//! the etcd write is a `put` whose value has the same size as that request's protobuf encoding.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
@@ -93,7 +93,10 @@ fn set_request(i: u64) -> pb::SetRoutingRequest {
     let site = if i.is_multiple_of(2) { "a" } else { "b" };
     pb::SetRoutingRequest {
         service: "gift-api".into(),
-        buckets: vec![site.to_string(); invoker_domain::BUCKETS],
+        runs: vec![pb::BucketRun {
+            site: site.into(),
+            count: invoker_domain::BUCKETS as u32,
+        }],
         expected_version: 0,
         actor: "bench".into(),
         reason: "benchmark".into(),
@@ -229,9 +232,44 @@ async fn start_etcd(dir: &std::path::Path) -> Result<EtcdCluster> {
     })
 }
 
+/// Waits until every node names the same leader, that leader agrees, and every node has
+/// applied what the leader has: a round never starts in the middle of an election.
+async fn wait_stable(lab: &Lab) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut statuses = Vec::new();
+        for endpoint in lab.invoker_endpoints() {
+            if let Ok(status) = InvokerClient::connect_node(&endpoint)?.status().await {
+                statuses.push(status);
+            }
+        }
+        let leader = statuses.first().map(|s| s.leader_id).unwrap_or(0);
+        let leader_applied = statuses
+            .iter()
+            .find(|s| s.node_id == leader)
+            .map(|s| s.last_applied);
+        let stable = statuses.len() == 3
+            && leader != 0
+            && statuses.iter().all(|s| s.leader_id == leader)
+            && leader_applied
+                .is_some_and(|applied| statuses.iter().all(|s| s.last_applied >= applied));
+        if stable {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("cluster not stable within 30 s: {statuses:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// SIGKILL the leader, time until a write commits through the survivors, restart it.
 async fn failover_round(lab: &mut Lab) -> Result<u64> {
     let endpoints = lab.invoker_endpoints();
+    wait_stable(lab).await?;
+    // Stay stable for a moment: a just-restarted node must not be mid-catch-up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_stable(lab).await?;
     let (_, name) = lab.invoker_leader(Duration::from_secs(20)).await?;
     lab.kill(&name)?;
     let killed = Instant::now();

@@ -59,18 +59,33 @@ pub fn service_to_pb(service: &d::Service) -> pb::Service {
     }
 }
 
+pub fn runs_to_pb(runs: &[d::BucketRun]) -> Vec<pb::BucketRun> {
+    runs.iter()
+        .map(|r| pb::BucketRun {
+            site: r.site.clone(),
+            count: r.count,
+        })
+        .collect()
+}
+
+pub fn runs_from_pb(runs: &[pb::BucketRun]) -> Vec<d::BucketRun> {
+    runs.iter()
+        .map(|r| d::BucketRun::new(r.site.clone(), r.count))
+        .collect()
+}
+
 pub fn routing_to_pb(service: &str, table: &d::RoutingTable) -> pb::RoutingTable {
     pb::RoutingTable {
         service: service.to_string(),
         version: table.version,
-        buckets: table.buckets.clone(),
+        runs: runs_to_pb(&table.runs),
     }
 }
 
 pub fn routing_from_pb(table: &pb::RoutingTable) -> d::RoutingTable {
     d::RoutingTable {
         version: table.version,
-        buckets: table.buckets.clone(),
+        runs: d::normalize_runs(&runs_from_pb(&table.runs)),
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use invoker_api::{convert, pb, InvokerClient};
-use invoker_domain::{RoutingTable, Topology, BUCKETS};
+use invoker_domain::{runs_from_buckets, BucketRun, RoutingTable, Topology, BUCKETS};
 
 #[derive(Parser)]
 #[command(
@@ -183,11 +183,11 @@ async fn run(cli: Cli) -> Result<()> {
             reason,
             expected_version,
         }) => {
-            let buckets = buckets_from_args(&service, &weights, all, file)?;
+            let runs = runs_from_args(&service, &weights, all, file)?;
             let reply = admin
                 .set_routing(pb::SetRoutingRequest {
                     service,
-                    buckets,
+                    runs: convert::runs_to_pb(&runs),
                     expected_version: expected_version.unwrap_or(0),
                     actor,
                     reason,
@@ -263,13 +263,14 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Turns `--weights`, `--all` or `--file` into exactly 1024 buckets.
-fn buckets_from_args(
+/// Turns `--weights`, `--all` or `--file` into runs of buckets. The server checks they cover
+/// exactly 1024 buckets.
+fn runs_from_args(
     service: &str,
     weights: &[String],
     all: Option<String>,
     file: Option<PathBuf>,
-) -> Result<Vec<String>> {
+) -> Result<Vec<BucketRun>> {
     match (weights.is_empty(), all, file) {
         (false, None, None) => {
             let mut parsed = BTreeMap::new();
@@ -285,15 +286,19 @@ fn buckets_from_args(
                     bail!("site {site:?} is given twice in --weights");
                 }
             }
-            Ok(RoutingTable::buckets_from_weights(service, &parsed)?)
+            Ok(RoutingTable::runs_from_weights(service, &parsed)?)
         }
-        (true, Some(site), None) => Ok(vec![site; BUCKETS]),
+        (true, Some(site), None) => Ok(vec![BucketRun::new(site, BUCKETS as u32)]),
         (true, None, Some(path)) => {
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let buckets: Vec<String> = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a JSON array of site ids", path.display()))?;
-            Ok(buckets)
+            let buckets: Vec<String> = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not a JSON array of site ids (one per bucket)",
+                    path.display()
+                )
+            })?;
+            Ok(runs_from_buckets(&buckets))
         }
         _ => bail!("give exactly one of --weights, --all or --file"),
     }

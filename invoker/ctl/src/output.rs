@@ -161,10 +161,17 @@ pub fn membership(r: &pb::MembershipResponse, as_json: bool) -> Result<()> {
     Ok(())
 }
 
-fn share_line(buckets: &[String]) -> String {
+fn runs_json(runs: &[pb::BucketRun]) -> Value {
+    json!(runs
+        .iter()
+        .map(|r| json!({"site": r.site, "count": r.count}))
+        .collect::<Vec<_>>())
+}
+
+fn share_line(runs: &[pb::BucketRun]) -> String {
     let mut share = std::collections::BTreeMap::new();
-    for b in buckets {
-        *share.entry(b.as_str()).or_insert(0u32) += 1;
+    for r in runs {
+        *share.entry(r.site.as_str()).or_insert(0u32) += r.count;
     }
     share
         .iter()
@@ -176,23 +183,26 @@ fn share_line(buckets: &[String]) -> String {
 pub fn routing(t: &pb::RoutingTable, as_json: bool, buckets: bool) -> Result<()> {
     if as_json {
         return print_json(&json!({
-            "service": t.service, "version": t.version, "buckets": t.buckets,
+            "service": t.service, "version": t.version, "runs": runs_json(&t.runs),
         }));
     }
     println!(
         "{}  version {}  {}",
         t.service,
         t.version,
-        share_line(&t.buckets)
+        share_line(&t.runs)
     );
     if buckets {
         // Ranges of consecutive buckets on one site, e.g. "0-511 a".
-        let mut start = 0;
-        for i in 1..=t.buckets.len() {
-            if i == t.buckets.len() || t.buckets[i] != t.buckets[start] {
-                println!("  {:>4}-{:<4} {}", start, i - 1, t.buckets[start]);
-                start = i;
-            }
+        let mut start = 0u32;
+        for run in &t.runs {
+            println!(
+                "  {:>4}-{:<4} {}",
+                start,
+                start + run.count.saturating_sub(1),
+                run.site
+            );
+            start += run.count;
         }
     }
     Ok(())
@@ -203,7 +213,7 @@ pub fn routing_set(r: &pb::SetRoutingResponse, as_json: bool) -> Result<()> {
     if as_json {
         return print_json(&json!({
             "service": table.service, "version": table.version, "changed": r.changed,
-            "log_index": r.log_index, "buckets": table.buckets,
+            "log_index": r.log_index, "runs": runs_json(&table.runs),
         }));
     }
     if r.changed {
@@ -211,14 +221,14 @@ pub fn routing_set(r: &pb::SetRoutingResponse, as_json: bool) -> Result<()> {
             "{} now at version {}: {}",
             table.service,
             table.version,
-            share_line(&table.buckets)
+            share_line(&table.runs)
         );
     } else {
         println!(
             "{} unchanged (already at version {}: {})",
             table.service,
             table.version,
-            share_line(&table.buckets)
+            share_line(&table.runs)
         );
     }
     Ok(())

@@ -18,7 +18,7 @@ pub enum DomainError {
     #[error("site {0:?} is a witness: it runs no services and can receive no traffic or writer")]
     WitnessSite(String),
     #[error("routing table has {got} buckets; it must have exactly {expected}")]
-    WrongBucketCount { got: usize, expected: usize },
+    WrongBucketCount { got: u64, expected: usize },
     #[error("routing table of {service:?} is at version {actual}, not the expected {expected}")]
     VersionConflict {
         service: String,

@@ -19,7 +19,7 @@ pub use model::{
     Approval, AuditEntry, DataLossEstimate, Evidence, Proposal, ProposalStatus, Service,
     ServiceClass, Site, SiteRole, Writer,
 };
-pub use routing::{RoutingTable, BUCKETS};
+pub use routing::{normalize_runs, runs_from_buckets, runs_len, BucketRun, RoutingTable, BUCKETS};
 pub use state::{Change, Command, Outcome, Request, Response, State, AUDIT_RETAINED};
 pub use topology::{ServiceSpec, SiteSpec, Topology, WriterSpec};
 

@@ -7,64 +7,74 @@ use crate::DomainError;
 /// Number of uid buckets in every routing table. A request's bucket is `uid % BUCKETS`.
 pub const BUCKETS: usize = 1024;
 
-/// A service's routing: bucket `i` is served by site `buckets[i]`. Weights derive from it.
+/// `count` consecutive buckets served by `site`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BucketRun {
+    pub site: String,
+    pub count: u32,
+}
+
+impl BucketRun {
+    pub fn new(site: impl Into<String>, count: u32) -> BucketRun {
+        BucketRun {
+            site: site.into(),
+            count,
+        }
+    }
+}
+
+/// A service's routing: 1024 uid buckets, each served by one site, stored as runs of
+/// consecutive buckets (`a` × 512 then `b` × 512). Weights derive from it.
+///
+/// A table is one to a few runs, so it is tens of bytes in the raft log, snapshots, watch
+/// updates and requests, and cheap to copy, where 1024 separate site names were not.
 ///
 /// `version` grows by one at every change, so data-plane caches and compare-and-swap
 /// publication can tell tables apart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoutingTable {
     pub version: u64,
-    #[serde(with = "runs")]
-    pub buckets: Vec<String>,
+    /// Normalised runs (see [`normalize_runs`]); their counts add up to [`BUCKETS`].
+    pub runs: Vec<BucketRun>,
 }
 
-/// Serialises a bucket table as runs of `(site, count)`: tables are one to a few contiguous
-/// ranges, so a 1024-entry table becomes a few dozen bytes in the raft log, snapshots and the
-/// raft transport instead of ~9 kB.
-pub mod runs {
-    use serde::de::Error as _;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    use super::BUCKETS;
-
-    pub fn serialize<S: Serializer>(buckets: &[String], serializer: S) -> Result<S::Ok, S::Error> {
-        let mut runs: Vec<(&str, u32)> = Vec::new();
-        for site in buckets {
-            match runs.last_mut() {
-                Some((last, count)) if *last == site.as_str() => *count += 1,
-                _ => runs.push((site.as_str(), 1)),
-            }
+/// Merges adjacent runs of the same site and drops empty ones, so that equal tables compare
+/// equal whatever runs they were given as.
+pub fn normalize_runs(runs: &[BucketRun]) -> Vec<BucketRun> {
+    let mut out: Vec<BucketRun> = Vec::with_capacity(runs.len());
+    for run in runs.iter().filter(|r| r.count > 0) {
+        match out.last_mut() {
+            Some(last) if last.site == run.site => last.count += run.count,
+            _ => out.push(run.clone()),
         }
-        runs.serialize(serializer)
     }
+    out
+}
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Vec<String>, D::Error> {
-        let runs: Vec<(String, u32)> = Vec::deserialize(deserializer)?;
-        let total: u64 = runs.iter().map(|(_, n)| u64::from(*n)).sum();
-        // A bound on what is allocated from untrusted input. Larger than BUCKETS is refused by
-        // the state machine with a clear error; here it only has to be finite.
-        if total > 16 * BUCKETS as u64 {
-            return Err(D::Error::custom(format!(
-                "bucket table of {total} entries is too large"
-            )));
+/// Total buckets the runs cover (u64: untrusted counts cannot overflow it).
+pub fn runs_len(runs: &[BucketRun]) -> u64 {
+    runs.iter().map(|r| u64::from(r.count)).sum()
+}
+
+/// Runs from one site name per bucket.
+pub fn runs_from_buckets<S: AsRef<str>>(buckets: &[S]) -> Vec<BucketRun> {
+    let mut runs: Vec<BucketRun> = Vec::new();
+    for site in buckets {
+        match runs.last_mut() {
+            Some(last) if last.site == site.as_ref() => last.count += 1,
+            _ => runs.push(BucketRun::new(site.as_ref(), 1)),
         }
-        let mut buckets = Vec::with_capacity(total as usize);
-        for (site, n) in runs {
-            buckets.extend(std::iter::repeat_n(site, n as usize));
-        }
-        Ok(buckets)
     }
+    runs
 }
 
 impl RoutingTable {
-    /// Builds buckets from weights: sites in id order get contiguous ranges proportional to
-    /// their weight; rounding leftovers go to the heaviest site so every bucket is assigned.
-    pub fn buckets_from_weights(
+    /// Builds runs from weights: sites in id order get contiguous ranges proportional to their
+    /// weight; rounding leftovers go to the heaviest site so every bucket is assigned.
+    pub fn runs_from_weights(
         service: &str,
         weights: &BTreeMap<String, u32>,
-    ) -> Result<Vec<String>, DomainError> {
+    ) -> Result<Vec<BucketRun>, DomainError> {
         for (site, &weight) in weights {
             if weight as usize > BUCKETS {
                 return Err(DomainError::WeightOutOfRange {
@@ -77,38 +87,62 @@ impl RoutingTable {
         if total == 0 {
             return Err(DomainError::EmptyWeights(service.to_string()));
         }
-        let mut buckets = Vec::with_capacity(BUCKETS);
-        for (site, &weight) in weights {
-            let share = (u64::from(weight) * BUCKETS as u64 / total) as usize;
-            buckets.extend(std::iter::repeat_n(site.clone(), share));
-        }
-        if buckets.len() < BUCKETS {
+        let mut runs: Vec<BucketRun> = weights
+            .iter()
+            .map(|(site, &weight)| {
+                BucketRun::new(
+                    site.clone(),
+                    (u64::from(weight) * BUCKETS as u64 / total) as u32,
+                )
+            })
+            .collect();
+        let assigned = runs_len(&runs) as u32;
+        if assigned < BUCKETS as u32 {
             let heaviest = weights
                 .iter()
                 .max_by_key(|(site, &w)| (w, std::cmp::Reverse((*site).clone())))
                 .map(|(site, _)| site.clone())
                 .ok_or_else(|| DomainError::EmptyWeights(service.to_string()))?;
-            let missing = BUCKETS - buckets.len();
-            buckets.extend(std::iter::repeat_n(heaviest, missing));
-            buckets.sort();
+            if let Some(run) = runs.iter_mut().find(|r| r.site == heaviest) {
+                run.count += BUCKETS as u32 - assigned;
+            }
         }
-        Ok(buckets)
+        Ok(normalize_runs(&runs))
     }
 
     /// Buckets per site, for display ("a: 512, b: 512").
     pub fn share(&self) -> BTreeMap<String, usize> {
         let mut share = BTreeMap::new();
-        for site in &self.buckets {
-            *share.entry(site.clone()).or_insert(0) += 1;
+        for run in &self.runs {
+            *share.entry(run.site.clone()).or_insert(0) += run.count as usize;
         }
         share
     }
 
+    /// The site serving a bucket (`None` past the end).
+    pub fn site_for_bucket(&self, bucket: usize) -> Option<&str> {
+        let mut start = 0usize;
+        for run in &self.runs {
+            let end = start + run.count as usize;
+            if bucket < end {
+                return Some(&run.site);
+            }
+            start = end;
+        }
+        None
+    }
+
     /// The site serving a uid.
     pub fn site_for_uid(&self, uid: u64) -> Option<&str> {
-        self.buckets
-            .get((uid % BUCKETS as u64) as usize)
-            .map(String::as_str)
+        self.site_for_bucket((uid % BUCKETS as u64) as usize)
+    }
+
+    /// One site name per bucket (for display and tests).
+    pub fn buckets(&self) -> Vec<String> {
+        self.runs
+            .iter()
+            .flat_map(|r| std::iter::repeat_n(r.site.clone(), r.count as usize))
+            .collect()
     }
 
     /// One-line summary for audit and logs, e.g. `v3 a=512 b=512`.
@@ -132,53 +166,53 @@ mod tests {
 
     #[test]
     fn even_split_gives_half_each() {
-        let b =
-            RoutingTable::buckets_from_weights("svc", &weights(&[("a", 50), ("b", 50)])).unwrap();
-        let t = RoutingTable {
-            version: 1,
-            buckets: b,
-        };
-        assert_eq!(t.buckets.len(), BUCKETS);
+        let runs =
+            RoutingTable::runs_from_weights("svc", &weights(&[("a", 50), ("b", 50)])).unwrap();
+        let t = RoutingTable { version: 1, runs };
+        assert_eq!(runs_len(&t.runs), BUCKETS as u64);
         assert_eq!(t.share()["a"], 512);
         assert_eq!(t.share()["b"], 512);
         assert_eq!(t.site_for_uid(0), Some("a"));
+        assert_eq!(t.site_for_uid(511), Some("a"));
+        assert_eq!(t.site_for_uid(512), Some("b"));
         assert_eq!(t.site_for_uid(1023), Some("b"));
         assert_eq!(t.site_for_uid(1024), Some("a"));
+        assert_eq!(t.site_for_bucket(1024), None);
     }
 
     #[test]
     fn uneven_split_assigns_every_bucket() {
-        let b = RoutingTable::buckets_from_weights("svc", &weights(&[("a", 1), ("b", 2)])).unwrap();
-        assert_eq!(b.len(), BUCKETS);
-        let a = b.iter().filter(|s| *s == "a").count();
-        assert_eq!(a, 341);
+        let runs = RoutingTable::runs_from_weights("svc", &weights(&[("a", 1), ("b", 2)])).unwrap();
+        assert_eq!(runs_len(&runs), BUCKETS as u64);
+        assert_eq!(runs[0], BucketRun::new("a", 341));
     }
 
     #[test]
-    fn tables_serialise_as_runs_and_round_trip() {
-        let mut buckets = vec!["a".to_string(); 300];
-        buckets.extend(vec!["b".to_string(); 700]);
-        buckets.extend(vec!["a".to_string(); 24]);
-        let t = RoutingTable {
-            version: 7,
-            buckets,
-        };
-        let json = serde_json::to_string(&t).unwrap();
+    fn runs_normalise_and_round_trip_through_buckets() {
+        let runs = vec![
+            BucketRun::new("a", 300),
+            BucketRun::new("a", 0),
+            BucketRun::new("b", 0),
+            BucketRun::new("a", 12),
+            BucketRun::new("b", 712),
+        ];
+        let normal = normalize_runs(&runs);
         assert_eq!(
-            json,
-            r#"{"version":7,"buckets":[["a",300],["b",700],["a",24]]}"#
+            normal,
+            vec![BucketRun::new("a", 312), BucketRun::new("b", 712)]
         );
-        let back: RoutingTable = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, t);
-        let huge = r#"{"version":1,"buckets":[["a",4294967295]]}"#;
-        assert!(serde_json::from_str::<RoutingTable>(huge).is_err());
+        let t = RoutingTable {
+            version: 1,
+            runs: normal.clone(),
+        };
+        assert_eq!(runs_from_buckets(&t.buckets()), normal);
     }
 
     #[test]
     fn zero_weights_are_refused() {
-        let err = RoutingTable::buckets_from_weights("svc", &weights(&[("a", 0)])).unwrap_err();
+        let err = RoutingTable::runs_from_weights("svc", &weights(&[("a", 0)])).unwrap_err();
         assert_eq!(err, DomainError::EmptyWeights("svc".into()));
-        let err = RoutingTable::buckets_from_weights("svc", &weights(&[("a", 5000)])).unwrap_err();
+        let err = RoutingTable::runs_from_weights("svc", &weights(&[("a", 5000)])).unwrap_err();
         assert!(matches!(err, DomainError::WeightOutOfRange { .. }));
     }
 }

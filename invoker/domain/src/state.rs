@@ -3,8 +3,8 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    validate_id, validate_text, AuditEntry, DomainError, Proposal, RoutingTable, Service,
-    ServiceClass, Site, SiteRole, Topology, Writer, BUCKETS,
+    validate_id, validate_text, AuditEntry, BucketRun, DomainError, Proposal, RoutingTable,
+    Service, ServiceClass, Site, SiteRole, Topology, Writer, BUCKETS,
 };
 
 /// How many audit entries the replicated state keeps; older ones are dropped (oldest first).
@@ -29,8 +29,8 @@ pub enum Command {
     /// Replace a service's routing table (a manual or automatic shift).
     SetRouting {
         service: String,
-        #[serde(with = "crate::routing::runs")]
-        buckets: Vec<String>,
+        /// Runs of buckets; their counts must add up to [`BUCKETS`].
+        runs: Vec<BucketRun>,
         /// Compare-and-swap: refuse unless the live table is at this version.
         expected_version: Option<u64>,
     },
@@ -117,9 +117,9 @@ impl State {
             Command::ApplyTopology(topology) => self.apply_topology(topology),
             Command::SetRouting {
                 service,
-                buckets,
+                runs,
                 expected_version,
-            } => self.set_routing(service, buckets, *expected_version),
+            } => self.set_routing(service, runs, *expected_version),
             Command::RecordAudit {
                 action,
                 before,
@@ -184,16 +184,17 @@ impl State {
     fn set_routing(
         &mut self,
         service: &str,
-        buckets: &[String],
+        runs: &[BucketRun],
         expected_version: Option<u64>,
     ) -> Result<Applied, DomainError> {
         let current = self
             .routing
             .get(service)
             .ok_or_else(|| DomainError::UnknownService(service.to_string()))?;
-        if buckets.len() != BUCKETS {
+        let got = crate::runs_len(runs);
+        if got != BUCKETS as u64 {
             return Err(DomainError::WrongBucketCount {
-                got: buckets.len(),
+                got,
                 expected: BUCKETS,
             });
         }
@@ -206,14 +207,11 @@ impl State {
                 });
             }
         }
-        // Check each distinct site once, not 1024 times.
-        let mut distinct: Vec<&String> = buckets.iter().collect();
-        distinct.sort();
-        distinct.dedup();
-        for site in distinct {
-            self.check_traffic_site(site)?;
+        for run in runs.iter().filter(|r| r.count > 0) {
+            self.check_traffic_site(&run.site)?;
         }
-        if current.buckets == buckets {
+        let runs = crate::normalize_runs(runs);
+        if current.runs == runs {
             return Ok(Applied::outcome(Outcome::Routing {
                 table: current.clone(),
                 changed: false,
@@ -222,7 +220,7 @@ impl State {
         let before = current.summary();
         let table = RoutingTable {
             version: current.version + 1,
-            buckets: buckets.to_vec(),
+            runs,
         };
         let after = table.summary();
         self.routing.insert(service.to_string(), table.clone());
@@ -289,7 +287,7 @@ impl State {
                 .filter(|(_, w)| **w > 0)
                 .map(|(s, w)| (s.clone(), *w))
                 .collect();
-            tables.push(RoutingTable::buckets_from_weights(&spec.name, &weights)?);
+            tables.push(RoutingTable::runs_from_weights(&spec.name, &weights)?);
         }
 
         let mut applied = Applied::outcome(Outcome::Audited);
@@ -311,11 +309,8 @@ impl State {
                 ));
             }
         }
-        for (spec, buckets) in topology.services.iter().zip(tables) {
-            let declared = RoutingTable {
-                version: 1,
-                buckets,
-            };
+        for (spec, runs) in topology.services.iter().zip(tables) {
+            let declared = RoutingTable { version: 1, runs };
             if !self.services.contains_key(&spec.name) {
                 let service = Service {
                     name: spec.name.clone(),
@@ -340,7 +335,7 @@ impl State {
                     format!("{} routing {}", spec.class, declared.summary()),
                 ));
             } else if let Some(live) = self.routing.get(&spec.name) {
-                if live.buckets != declared.buckets {
+                if live.runs != declared.runs {
                     notes.push(format!(
                         "service {}: live routing ({}) differs from the declared initial routing; left as is (use `routing set`)",
                         spec.name,
@@ -513,12 +508,12 @@ mod tests {
     #[test]
     fn routing_set_bumps_version_and_audits() {
         let mut state = lab_state();
-        let buckets = vec!["b".to_string(); BUCKETS];
+        let runs = vec![BucketRun::new("b", BUCKETS as u32)];
         let (resp, changes) = state.apply(
             5,
             &req(Command::SetRouting {
                 service: "gift-api".into(),
-                buckets,
+                runs,
                 expected_version: Some(1),
             }),
         );
@@ -546,7 +541,7 @@ mod tests {
             (
                 Command::SetRouting {
                     service: "nope".into(),
-                    buckets: vec!["a".into(); BUCKETS],
+                    runs: vec![BucketRun::new("a", BUCKETS as u32)],
                     expected_version: None,
                 },
                 DomainError::UnknownService("nope".into()),
@@ -554,7 +549,7 @@ mod tests {
             (
                 Command::SetRouting {
                     service: "gift-api".into(),
-                    buckets: vec!["a".into(); 1000],
+                    runs: vec![BucketRun::new("a", 1000)],
                     expected_version: None,
                 },
                 DomainError::WrongBucketCount {
@@ -565,7 +560,7 @@ mod tests {
             (
                 Command::SetRouting {
                     service: "gift-api".into(),
-                    buckets: vec!["witness".into(); BUCKETS],
+                    runs: vec![BucketRun::new("witness", BUCKETS as u32)],
                     expected_version: None,
                 },
                 DomainError::WitnessSite("witness".into()),
@@ -573,7 +568,7 @@ mod tests {
             (
                 Command::SetRouting {
                     service: "gift-api".into(),
-                    buckets: vec!["c".into(); BUCKETS],
+                    runs: vec![BucketRun::new("c", BUCKETS as u32)],
                     expected_version: None,
                 },
                 DomainError::UnknownSite("c".into()),
@@ -581,7 +576,7 @@ mod tests {
             (
                 Command::SetRouting {
                     service: "gift-api".into(),
-                    buckets: vec!["b".into(); BUCKETS],
+                    runs: vec![BucketRun::new("b", BUCKETS as u32)],
                     expected_version: Some(7),
                 },
                 DomainError::VersionConflict {

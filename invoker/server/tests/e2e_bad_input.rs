@@ -12,6 +12,13 @@ use drills::lab::{Lab, LabOptions};
 use invoker_api::{pb, InvokerClient};
 use invoker_domain::BUCKETS;
 
+fn run(site: &str, count: u32) -> pb::BucketRun {
+    pb::BucketRun {
+        site: site.into(),
+        count,
+    }
+}
+
 fn phase(name: &str) {
     eprintln!("--- {name}");
 }
@@ -87,7 +94,7 @@ async fn e2e_bad_requests_are_refused_and_change_nothing() -> Result<()> {
 
     let good = pb::SetRoutingRequest {
         service: "gift-api".into(),
-        buckets: vec!["b".into(); BUCKETS],
+        runs: vec![run("b", BUCKETS as u32)],
         expected_version: 0,
         actor: "e2e".into(),
         reason: "test".into(),
@@ -105,7 +112,7 @@ async fn e2e_bad_requests_are_refused_and_change_nothing() -> Result<()> {
         (
             "table of the wrong size",
             pb::SetRoutingRequest {
-                buckets: vec!["b".into(); 1000],
+                runs: vec![run("b", 1000)],
                 ..good.clone()
             },
             tonic::Code::InvalidArgument,
@@ -114,7 +121,7 @@ async fn e2e_bad_requests_are_refused_and_change_nothing() -> Result<()> {
         (
             "unknown site",
             pb::SetRoutingRequest {
-                buckets: vec!["c".into(); BUCKETS],
+                runs: vec![run("c", BUCKETS as u32)],
                 ..good.clone()
             },
             tonic::Code::NotFound,
@@ -123,7 +130,7 @@ async fn e2e_bad_requests_are_refused_and_change_nothing() -> Result<()> {
         (
             "traffic to the witness",
             pb::SetRoutingRequest {
-                buckets: vec!["witness".into(); BUCKETS],
+                runs: vec![run("witness", BUCKETS as u32)],
                 ..good.clone()
             },
             tonic::Code::InvalidArgument,

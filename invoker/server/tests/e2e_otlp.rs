@@ -58,6 +58,13 @@ impl TraceService for Collector {
     }
 }
 
+fn run(site: &str, count: u32) -> pb::BucketRun {
+    pb::BucketRun {
+        site: site.into(),
+        count,
+    }
+}
+
 #[tokio::test]
 async fn e2e_invoker_write_exports_spans_over_otlp() -> Result<()> {
     let collector = Collector::default();
@@ -88,7 +95,7 @@ async fn e2e_invoker_write_exports_spans_over_otlp() -> Result<()> {
         .admin()
         .set_routing(pb::SetRoutingRequest {
             service: "gift-api".into(),
-            buckets: vec!["b".into(); invoker_domain::BUCKETS],
+            runs: vec![run("b", invoker_domain::BUCKETS as u32)],
             expected_version: 0,
             actor: "e2e".into(),
             reason: "trace me".into(),

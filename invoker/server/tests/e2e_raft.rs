@@ -15,6 +15,13 @@ use tonic::transport::Channel;
 
 const LEADER_TIMEOUT: Duration = Duration::from_secs(20);
 
+fn run(site: &str, count: u32) -> pb::BucketRun {
+    pb::BucketRun {
+        site: site.into(),
+        count,
+    }
+}
+
 fn phase(name: &str) {
     eprintln!("--- {name}");
 }
@@ -48,18 +55,21 @@ fn node_admin(lab: &Lab, name: &str) -> Result<AdminClient<Channel>> {
 fn set_all(service: &str, site: &str, reason: &str) -> pb::SetRoutingRequest {
     pb::SetRoutingRequest {
         service: service.into(),
-        buckets: vec![site.to_string(); BUCKETS],
+        runs: vec![run(site, BUCKETS as u32)],
         expected_version: 0,
         actor: "e2e".into(),
         reason: reason.into(),
     }
 }
 
-fn weights(a: u32, b: u32) -> Vec<String> {
+fn weights(a: u32, b: u32) -> Vec<pb::BucketRun> {
     let weights = [("a".to_string(), a), ("b".to_string(), b)]
         .into_iter()
         .collect();
-    invoker_domain::RoutingTable::buckets_from_weights("gift-api", &weights).expect("valid weights")
+    invoker_api::convert::runs_to_pb(
+        &invoker_domain::RoutingTable::runs_from_weights("gift-api", &weights)
+            .expect("valid weights"),
+    )
 }
 
 async fn get_routing(
@@ -133,7 +143,7 @@ async fn e2e_three_nodes_elect_one_leader() -> Result<()> {
     phase("the lab's topology is there");
     let mut admin = leader_admin(&lab).await?;
     let t = get_routing(&mut admin, "gift-api", pb::ReadConsistency::Linearizable).await?;
-    assert_eq!(t.buckets.len(), BUCKETS);
+    assert_eq!(t.runs.iter().map(|r| r.count).sum::<u32>(), BUCKETS as u32);
     lab.down().await?;
     Ok(())
 }
@@ -161,7 +171,7 @@ async fn e2e_sigkill_leader_keeps_committed_routing() -> Result<()> {
     let mut admin = leader_admin(&lab).await?;
     let t = get_routing(&mut admin, "gift-api", pb::ReadConsistency::Linearizable).await?;
     assert_eq!(t.version, version);
-    assert!(t.buckets.iter().all(|s| s == "b"));
+    assert!(t.runs == [run("b", BUCKETS as u32)]);
 
     phase("and the cluster of two keeps taking writes");
     let set = admin
@@ -191,12 +201,12 @@ async fn e2e_sigstop_leader_then_it_rejoins_as_follower() -> Result<()> {
     let mut admin = leader_admin(&lab).await?;
     let t = get_routing(&mut admin, "gift-api", pb::ReadConsistency::Linearizable).await?;
     assert!(
-        t.buckets.iter().all(|s| s == "b"),
+        t.runs == [run("b", BUCKETS as u32)],
         "change before the freeze lost"
     );
     let set = admin
         .set_routing(pb::SetRoutingRequest {
-            buckets: weights(25, 75),
+            runs: weights(25, 75),
             ..set_all("gift-api", "", "during the freeze")
         })
         .await?
@@ -232,7 +242,7 @@ async fn e2e_all_nodes_restarted_recover_state_from_disk() -> Result<()> {
     for (i, (a, b)) in [(10, 90), (60, 40), (33, 67)].into_iter().enumerate() {
         admin
             .set_routing(pb::SetRoutingRequest {
-                buckets: weights(a, b),
+                runs: weights(a, b),
                 ..set_all("gift-api", "", &format!("change {i}"))
             })
             .await?;
@@ -302,7 +312,7 @@ async fn e2e_write_sent_to_a_follower_succeeds() -> Result<()> {
     assert_eq!(Some(t), set.table);
     phase("and a linearizable read through the follower sees it too");
     let t = get_routing(&mut admin, "gift-api", pb::ReadConsistency::Linearizable).await?;
-    assert!(t.buckets.iter().all(|s| s == "b"));
+    assert!(t.runs == [run("b", BUCKETS as u32)]);
     lab.down().await?;
     Ok(())
 }
@@ -330,7 +340,7 @@ async fn e2e_lagging_node_catches_up_through_a_snapshot() -> Result<()> {
         let a = i % 101;
         let set = admin
             .set_routing(pb::SetRoutingRequest {
-                buckets: weights(a, 100 - a + 1),
+                runs: weights(a, 100 - a + 1),
                 ..set_all("gift-api", "", &format!("bulk {i}"))
             })
             .await?
@@ -478,7 +488,7 @@ async fn e2e_linearizable_read_after_leader_change_sees_latest_write() -> Result
     let mut admin = leader_admin(&lab).await?;
     let set = admin
         .set_routing(pb::SetRoutingRequest {
-            buckets: weights(1, 3),
+            runs: weights(1, 3),
             ..set_all("gift-api", "", "latest before the kill")
         })
         .await?

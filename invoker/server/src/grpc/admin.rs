@@ -226,15 +226,22 @@ impl pb::admin_server::Admin for AdminService {
         let msg = request.get_ref();
         check_actor_reason(&msg.actor, &msg.reason)?;
         validate_id("service name", &msg.service).map_err(|e| domain_status(&e))?;
-        if msg.buckets.len() != BUCKETS {
+        // Bounded before anything else: a table has at most one run per bucket.
+        if msg.runs.len() > BUCKETS {
             return Err(Status::invalid_argument(format!(
-                "routing table has {} buckets; it must have exactly {BUCKETS}",
-                msg.buckets.len()
+                "routing table has {} runs; a table has at most {BUCKETS}",
+                msg.runs.len()
+            )));
+        }
+        let got = invoker_domain::runs_len(&convert::runs_from_pb(&msg.runs));
+        if got != BUCKETS as u64 {
+            return Err(Status::invalid_argument(format!(
+                "routing table has {got} buckets; it must have exactly {BUCKETS}"
             )));
         }
         let command = Command::SetRouting {
             service: msg.service.clone(),
-            buckets: msg.buckets.clone(),
+            runs: convert::runs_from_pb(&msg.runs),
             expected_version: (msg.expected_version != 0).then_some(msg.expected_version),
         };
         match self

@@ -47,7 +47,7 @@ pub async fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Invo
     }
     txn.commit().map_err(storage)?;
     let sm = StateMachineStore::open(db.clone()).await?;
-    Ok((LogStore::new(db), sm))
+    Ok((LogStore::new(db)?, sm))
 }
 
 fn storage(e: impl std::fmt::Display) -> InvokerError {
