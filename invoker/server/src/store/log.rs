@@ -36,6 +36,8 @@ pub struct LogStore {
     committed_index: Arc<AtomicU64>,
     /// Appended but not yet durable; readers see them. Index -> entry.
     unflushed: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    /// The latest committed id from openraft, written by the next group commit.
+    committed: Arc<Mutex<Option<LogId>>>,
     writer: std::sync::mpsc::Sender<Job>,
 }
 
@@ -60,9 +62,11 @@ impl LogStore {
         let unflushed = Arc::new(Mutex::new(BTreeMap::new()));
         let thread_db = db.clone();
         let thread_unflushed = unflushed.clone();
+        let committed = Arc::new(Mutex::new(None));
+        let thread_committed = committed.clone();
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || write_loop(&thread_db, &thread_unflushed, &jobs))
+            .spawn(move || write_loop(&thread_db, &thread_unflushed, &thread_committed, &jobs))
             .map_err(|e| {
                 crate::InvokerError::Storage(format!("cannot start the log writer: {e}"))
             })?;
@@ -70,6 +74,7 @@ impl LogStore {
             db,
             committed_index: Arc::new(AtomicU64::new(0)),
             unflushed,
+            committed,
             writer,
         })
     }
@@ -120,20 +125,17 @@ impl LogStore {
             .map_err(|e| sto_err(StorageIOError::read, e))
     }
 
-    /// Writes one meta key durably (vote and committed must survive a crash).
+    /// Writes one meta key durably (the vote must survive a crash).
     async fn write_meta<T: serde::Serialize>(
         &self,
         key: &'static str,
         value: &T,
-        durability: redb::Durability,
         kind: fn(openraft::AnyError) -> StorageIOError<u64>,
     ) -> Result<(), StorageError> {
         let bytes = bincode::serialize(value).map_err(|e| sto_err(kind, e))?;
         let db = self.db.clone();
         run_blocking(move || {
-            let mut txn = db.begin_write().map_err(|e| sto_err(kind, e))?;
-            txn.set_durability(durability)
-                .map_err(|e| sto_err(kind, e))?;
+            let txn = db.begin_write().map_err(|e| sto_err(kind, e))?;
             {
                 let mut table = txn.open_table(META_TABLE).map_err(|e| sto_err(kind, e))?;
                 table
@@ -243,12 +245,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         // The vote must survive a crash: a node that forgets its vote could vote twice in a term.
-        self.write_meta(
-            VOTE_KEY,
-            vote,
-            redb::Durability::Immediate,
-            StorageIOError::write_vote,
-        )
+        self.write_meta(VOTE_KEY, vote, StorageIOError::write_vote)
         .await
     }
 
@@ -257,19 +254,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Kept in memory and written by the next group commit, never on its own: a separate
+        // transaction would wait for the writer's fsync while openraft's core waits for it.
+        // Losing the latest value in a crash is safe: an older committed id is still
+        // committed, and raft re-learns the rest from the leader.
         if let Some(log_id) = committed {
             self.committed_index.store(log_id.index, Ordering::Relaxed);
         }
-        // Not fsync'd: the next durable append carries it to disk. Losing the latest value in a
-        // crash is safe (an older committed id is still committed; raft re-learns the rest),
-        // and an fsync here would sit on every write's critical path.
-        self.write_meta(
-            COMMITTED_KEY,
-            &committed,
-            redb::Durability::None,
-            StorageIOError::write,
-        )
-        .await
+        *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = committed;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -335,8 +328,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 fn write_loop(
     db: &Database,
     unflushed: &Mutex<BTreeMap<u64, Entry>>,
+    committed: &Mutex<Option<LogId>>,
     jobs: &std::sync::mpsc::Receiver<Job>,
 ) {
+    let mut written_committed: Option<LogId> = None;
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP_JOBS {
@@ -345,7 +340,12 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        let result = write_group(db, &group).map_err(|e| e.to_string());
+        let latest = *committed.lock().unwrap_or_else(|p| p.into_inner());
+        let committed_to_write = (latest != written_committed).then_some(latest);
+        let result = write_group(db, &group, committed_to_write).map_err(|e| e.to_string());
+        if result.is_ok() {
+            written_committed = latest;
+        }
         if result.is_ok() {
             let mut unflushed = unflushed.lock().unwrap_or_else(|p| p.into_inner());
             for job in &group {
@@ -377,11 +377,20 @@ fn write_loop(
     }
 }
 
-fn write_group(db: &Database, group: &[Job]) -> Result<(), redb::Error> {
+fn write_group(
+    db: &Database,
+    group: &[Job],
+    committed: Option<Option<LogId>>,
+) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {
         let mut log = txn.open_table(LOG_TABLE)?;
         let mut meta = txn.open_table(META_TABLE)?;
+        if let Some(committed) = committed {
+            let bytes = bincode::serialize(&committed)
+                .map_err(|e| redb::Error::Io(std::io::Error::other(e)))?;
+            meta.insert(COMMITTED_KEY, bytes.as_slice())?;
+        }
         for job in group {
             match job {
                 Job::Append { entries, .. } => {
