@@ -40,7 +40,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    // Run the node as a spawned task: what `block_on` polls runs on the main thread, outside
+    // the worker pool, and the gRPC server polls its connections inside its serve future.
+    let result = runtime.block_on(async {
+        tokio::spawn(run(config))
+            .await
+            .unwrap_or_else(|e| Err(InvokerError::Serve(format!("node task failed: {e}"))))
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(kind = e.kind(), "invoker failed: {e}");

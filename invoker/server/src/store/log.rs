@@ -246,7 +246,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         // The vote must survive a crash: a node that forgets its vote could vote twice in a term.
         self.write_meta(VOTE_KEY, vote, StorageIOError::write_vote)
-        .await
+            .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
