@@ -1,9 +1,9 @@
-//! Durable raft storage in one redb file per node.
+//! Durable raft storage, two files per node in `data_dir`:
 //!
-//! - `raft_log`: index → bincode(entry). Appends commit with `Durability::Immediate` (fsync)
-//!   before openraft is told they are flushed.
-//! - `raft_meta`: vote, committed log id, last purged log id.
-//! - `snapshot`: the current snapshot (meta and data), written durably before it is used.
+//! - `raft.log`: the log entries, an append-only preallocated WAL ([`wal`]); a group of appends
+//!   is fdatasync'd before openraft is told it is flushed.
+//! - `raft.redb`: table `raft_meta` (vote, committed log id, last purged log id) and table
+//!   `snapshot` (the current snapshot, meta and data, written durably before it is used).
 //!
 //! The state machine lives in memory and is rebuilt at start from the snapshot plus the
 //! committed log (openraft re-applies `(snapshot, committed]` using the saved committed id).
@@ -14,6 +14,7 @@
 
 mod log;
 mod state_machine;
+mod wal;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,8 +24,6 @@ pub use state_machine::{SmEvent, SmView, StateMachineStore};
 
 use crate::InvokerError;
 
-pub(crate) const LOG_TABLE: redb::TableDefinition<u64, &[u8]> =
-    redb::TableDefinition::new("raft_log");
 pub(crate) const META_TABLE: redb::TableDefinition<&str, &[u8]> =
     redb::TableDefinition::new("raft_meta");
 pub(crate) const SNAPSHOT_TABLE: redb::TableDefinition<&str, &[u8]> =
@@ -41,13 +40,12 @@ pub async fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Invo
     // Create the tables up front so readers never see "table does not exist".
     let txn = db.begin_write().map_err(storage)?;
     {
-        txn.open_table(LOG_TABLE).map_err(storage)?;
         txn.open_table(META_TABLE).map_err(storage)?;
         txn.open_table(SNAPSHOT_TABLE).map_err(storage)?;
     }
     txn.commit().map_err(storage)?;
     let sm = StateMachineStore::open(db.clone()).await?;
-    Ok((LogStore::new(db)?, sm))
+    Ok((LogStore::open(db, data_dir)?, sm))
 }
 
 fn storage(e: impl std::fmt::Display) -> InvokerError {
