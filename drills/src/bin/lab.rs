@@ -120,7 +120,7 @@ async fn up(opts: LabOptions, detach: bool) -> Result<()> {
     // Dropping the start future (on Ctrl-C) kills whatever it had started.
     let lab = tokio::select! {
         lab = Lab::start(opts) => lab.map_err(explain)?,
-        () = shutdown_signal() => bail!("interrupted while starting; stopped what had started"),
+        () = telemetry::shutdown_signal() => bail!("interrupted while starting; stopped what had started"),
     };
     print_summary(lab.describe());
     if detach {
@@ -134,7 +134,7 @@ async fn up(opts: LabOptions, detach: bool) -> Result<()> {
     println!("running in the foreground; Ctrl-C stops everything");
     let mut lab = lab;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let signal = shutdown_signal();
+    let signal = telemetry::shutdown_signal();
     tokio::pin!(signal);
     loop {
         tokio::select! {
@@ -297,24 +297,4 @@ fn down(dir: &Path) -> Result<()> {
         println!("nothing was running in {}", dir.display());
     }
     Ok(())
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                eprintln!("warning: cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = term => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

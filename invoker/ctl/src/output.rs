@@ -248,7 +248,7 @@ pub fn audit(entries: &[pb::AuditEntry], as_json: bool) -> Result<()> {
         println!(
             "#{:<5} {}  {}  by {}",
             a.seq,
-            format_ms(a.at_ms),
+            invoker_domain::format_utc_ms(a.at_ms),
             a.action,
             truncate(&a.actor, 30)
         );
@@ -304,33 +304,10 @@ pub fn proposals(r: &pb::ListProposalsResponse, as_json: bool) -> Result<()> {
             p.id,
             p.kind,
             p.service,
-            format_ms(p.created_at_ms)
+            invoker_domain::format_utc_ms(p.created_at_ms)
         );
     }
     Ok(())
-}
-
-/// UTC time from Unix milliseconds, without pulling in a date library.
-fn format_ms(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 fn truncate(s: &str, width: usize) -> String {
@@ -346,12 +323,6 @@ fn truncate(s: &str, width: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_unix_ms_as_utc() {
-        assert_eq!(format_ms(0), "1970-01-01 00:00:00Z");
-        assert_eq!(format_ms(1_795_000_000_000), "2026-11-18 11:06:40Z");
-    }
 
     #[test]
     fn truncates_to_width() {

@@ -46,6 +46,30 @@ pub fn validate_id(kind: &'static str, id: &str) -> Result<(), DomainError> {
     }
 }
 
+/// Formats milliseconds since the Unix epoch as RFC 3339 UTC, to the second
+/// (`2026-11-18T11:06:40Z`). Pure: the caller supplies the time.
+pub fn format_utc_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
 /// Checks free text (a reason, an actor, a DSN): bounded length, no control characters.
 pub fn validate_text(field: &'static str, text: &str, required: bool) -> Result<(), DomainError> {
     if required && text.trim().is_empty() {
@@ -59,4 +83,17 @@ pub fn validate_text(field: &'static str, text: &str, required: bool) -> Result<
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_unix_ms_as_rfc3339_utc() {
+        assert_eq!(format_utc_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc_ms(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc_ms(1_700_000_000_999), "2023-11-14T22:13:20Z");
+        assert_eq!(format_utc_ms(1_795_000_000_000), "2026-11-18T11:06:40Z");
+    }
 }

@@ -66,27 +66,7 @@ async fn run(config: Config) -> Result<(), InvokerError> {
         .map_err(|e| InvokerError::Config(e.to_string()))?;
     let node = invoker::Node::start(&config).await?;
     node.bootstrap(&config).await?;
-    invoker::node::serve(node, &config, shutdown_signal()).await?;
+    invoker::node::serve(node, &config, telemetry::shutdown_signal()).await?;
     tracing::info!("invoker stopped cleanly");
     Ok(())
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = term => tracing::info!("SIGTERM received; shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received; shutting down"),
-    }
 }

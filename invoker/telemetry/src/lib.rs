@@ -7,6 +7,8 @@
 //!
 //! Keep the returned [`Guard`] alive for the life of the process: dropping it flushes the
 //! spans still buffered.
+//!
+//! Also [`shutdown_signal`], the one way every long-running binary learns it should stop.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
@@ -115,4 +117,25 @@ pub fn init(service_name: &str, instance: &str) -> Result<Guard, TelemetryError>
         .try_init()
         .map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
     Ok(Guard { provider })
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C), logging which one arrived. If SIGTERM cannot be
+/// listened for, it says so and waits for Ctrl-C alone.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = term => tracing::info!("SIGTERM received; shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received; shutting down"),
+    }
 }
