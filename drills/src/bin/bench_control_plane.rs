@@ -323,7 +323,10 @@ async fn main() -> Result<()> {
         let leader =
             InvokerClient::wait_for_leader(&lab.invoker_endpoints(), Duration::from_secs(20))
                 .await?;
-        let conns: Vec<_> = (0..clients).map(|_| leader.admin()).collect();
+        // One connection per client, as for etcd below.
+        let conns = (0..clients)
+            .map(|_| InvokerClient::connect_node(leader.endpoint()).map(|c| c.admin()))
+            .collect::<Result<Vec<_>, _>>()?;
         let conns = Arc::new(conns);
         let inv = run_level("invoker", clients, args.seconds, move |c, i| {
             let mut admin = conns[c].clone();
