@@ -1,3 +1,85 @@
-//! The workload the platform protects: gift API, wallet, settlement/outbox worker, reconciliation and load generator on PostgreSQL.
+//! The workload the platform protects: gifts are payments.
 //!
-//! This crate is intentionally empty in this version: the services are built in issue #3.
+//! This version holds the database layer every service shares: the schema (sqlx migrations in
+//! `migrations/`, applied with [`migrate`]) and the wallet's ledger operations
+//! ([`wallet::Ledger`]): idempotent credit, debit and refund, each checking the fencing epoch
+//! inside its transaction. The wallet gRPC service, the gift API, the outbox worker,
+//! reconciliation and the load generator are built on it next (issue #3, in progress).
+//!
+//! Architecture invariants:
+//! - money is `i64` minor units ([`Amount`]); no floats near money;
+//! - every wallet write checks the fencing epoch against the database row, in the same
+//!   transaction, before it changes anything;
+//! - the database enforces the money rules (non-negative balances, unique idempotency keys,
+//!   one debit and at most one refund per order); the code relies on it rather than on
+//!   check-then-act.
+
+pub mod wallet;
+
+pub use wallet::{Ledger, Outcome, Rejection};
+
+/// Every failure the gift services' library reports.
+#[derive(Debug, thiserror::Error)]
+pub enum GiftError {
+    /// The database could not be reached or failed mid-way: the outcome of a write is
+    /// unknown (indeterminate) and the caller retries with the same idempotency key.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+}
+
+impl GiftError {
+    /// A label per variant, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GiftError::Database(_) => "database",
+            GiftError::Migrate(_) => "migrate",
+            GiftError::InvalidInput(_) => "invalid_input",
+        }
+    }
+}
+
+/// Money in integer minor units (cents, coins). Always positive where it moves.
+pub type Amount = i64;
+
+/// Largest single amount accepted (a sanity bound far above any gift: 10^12 minor units).
+pub const MAX_AMOUNT: Amount = 1_000_000_000_000;
+
+/// Real money or load-test traffic. Shadow traffic touches only the `shadow_*` schemas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Traffic {
+    Real,
+    Shadow,
+}
+
+impl Traffic {
+    pub fn wallet_schema(self) -> &'static str {
+        match self {
+            Traffic::Real => "wallet",
+            Traffic::Shadow => "shadow_wallet",
+        }
+    }
+
+    pub fn orders_schema(self) -> &'static str {
+        match self {
+            Traffic::Real => "orders",
+            Traffic::Shadow => "shadow_orders",
+        }
+    }
+
+    pub fn settlement_schema(self) -> &'static str {
+        match self {
+            Traffic::Real => "settlement",
+            Traffic::Shadow => "shadow_settlement",
+        }
+    }
+}
+
+/// Applies the schema migrations (idempotent; sqlx records what ran).
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), GiftError> {
+    sqlx::migrate!("./migrations").run(pool).await?;
+    Ok(())
+}
