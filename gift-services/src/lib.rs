@@ -5,6 +5,7 @@
 //! ([`wallet::Ledger`]): idempotent credit, debit and refund, each checking the fencing epoch
 //! inside its transaction. The wallet gRPC service, the gift API, the outbox worker,
 //! reconciliation and the load generator are built on it next (issue #3, in progress).
+//! [`wallet_service`] serves the ledger over gRPC (binary `wallet`).
 //!
 //! Architecture invariants:
 //! - money is `i64` minor units ([`Amount`]); no floats near money;
@@ -15,8 +16,18 @@
 //!   check-then-act.
 
 pub mod wallet;
+pub mod wallet_service;
 
 pub use wallet::{Ledger, Outcome, Rejection};
+
+/// Generated protobuf types and gRPC stubs (package `gift.v1`).
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("gift.v1");
+
+    /// Encoded descriptors of the gift protos, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("gift_descriptor");
+}
 
 /// Every failure the gift services' library reports.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +40,11 @@ pub enum GiftError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// Binaries exit with code 64 on this one.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("serving: {0}")]
+    Serve(String),
 }
 
 impl GiftError {
@@ -38,6 +54,8 @@ impl GiftError {
             GiftError::Database(_) => "database",
             GiftError::Migrate(_) => "migrate",
             GiftError::InvalidInput(_) => "invalid_input",
+            GiftError::Config(_) => "config",
+            GiftError::Serve(_) => "serve",
         }
     }
 }
