@@ -44,6 +44,21 @@ pub struct WalletConfig {
     /// Apply the schema migrations at start (the lab does; production runs them once).
     #[serde(default)]
     pub migrate: bool,
+    /// The site's etcd (client URLs); empty: no registration.
+    #[serde(default)]
+    pub etcd_endpoints: Vec<String>,
+    /// This instance's name in `/services/wallet/<site>/<instance>`; default `wallet-<port>`.
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// The address registered for clients; default `listen_addr`.
+    #[serde(default)]
+    pub advertise_addr: Option<String>,
+    #[serde(default = "default_registration_ttl_secs")]
+    pub registration_ttl_secs: i64,
+}
+
+fn default_registration_ttl_secs() -> i64 {
+    5
 }
 
 fn default_pool_size() -> u32 {
@@ -95,6 +110,17 @@ impl WalletConfig {
         }
         if self.statement_timeout_ms == 0 {
             return bad("statement_timeout_ms must be above 0".into());
+        }
+        if !(1..=300).contains(&self.registration_ttl_secs) {
+            return bad(format!(
+                "registration_ttl_secs {} is out of range (1..=300)",
+                self.registration_ttl_secs
+            ));
+        }
+        if let Some(instance) = &self.instance {
+            if instance.is_empty() || instance.contains('/') || instance.len() > 64 {
+                return bad("instance must be 1-64 characters without '/'".into());
+            }
         }
         Ok(())
     }
@@ -365,6 +391,24 @@ pub async fn serve(
             }
         });
     }
+    let registration = if config.etcd_endpoints.is_empty() {
+        None
+    } else {
+        let instance = config
+            .instance
+            .clone()
+            .unwrap_or_else(|| format!("wallet-{}", config.listen_addr.port()));
+        let registration = crate::registry::Registration {
+            endpoints: config.etcd_endpoints.clone(),
+            key: crate::registry::Registration::key_for("wallet", &config.site, &instance),
+            address: config
+                .advertise_addr
+                .clone()
+                .unwrap_or_else(|| config.listen_addr.to_string()),
+            ttl_secs: config.registration_ttl_secs,
+        };
+        Some(tokio::spawn(registration.run(stop_rx.clone())))
+    };
     tracing::info!(site = %config.site, grpc = %config.listen_addr, epoch = config.epoch, "wallet listening");
     let mut stop = stop_rx;
     tonic::transport::Server::builder()
@@ -379,6 +423,10 @@ pub async fn serve(
         )
         .await
         .map_err(|e| GiftError::Serve(e.to_string()))?;
+    if let Some(registration) = registration {
+        // Deregister before exiting; bounded so a dead etcd cannot hold the shutdown.
+        let _ = tokio::time::timeout(Duration::from_secs(3), registration).await;
+    }
     tracing::info!("wallet stopped cleanly");
     Ok(())
 }

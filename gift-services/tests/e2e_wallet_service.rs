@@ -58,6 +58,7 @@ async fn e2e_wallet_service_outcomes_metrics_and_sigterm() -> Result<()> {
         .tempdir_in("/tmp")?;
     let lab = Lab::start(LabOptions::new(dir.path())).await?;
     let url = lab.describe().endpoints.postgres["a"].clone();
+    let etcd = lab.describe().endpoints.etcd["a"].clone();
     let host = "127.0.1.10";
     let grpc = format!("{host}:{}", free_port(host)?);
     let metrics = format!("{host}:{}", free_port(host)?);
@@ -66,7 +67,8 @@ async fn e2e_wallet_service_outcomes_metrics_and_sigterm() -> Result<()> {
         &config,
         format!(
             "site = \"a\"\nlisten_addr = \"{grpc}\"\nmetrics_addr = \"{metrics}\"\n\
-             database_url = \"{url}\"\nepoch = 1\nmigrate = true\n"
+             database_url = \"{url}\"\nepoch = 1\nmigrate = true\n\
+             etcd_endpoints = [\"{etcd}\"]\ninstance = \"wallet-a-1\"\nregistration_ttl_secs = 3\n"
         ),
     )?;
     let log = std::fs::File::create(dir.path().join("wallet.log"))?;
@@ -163,6 +165,24 @@ async fn e2e_wallet_service_outcomes_metrics_and_sigterm() -> Result<()> {
         assert!(text.contains(line), "{line} not in\n{text}");
     }
 
+    phase("registered in site a's etcd under a lease");
+    let mut etcd_client = etcd_client::Client::connect([etcd.as_str()], None).await?;
+    let key = "/services/wallet/a/wallet-a-1";
+    let started = Instant::now();
+    loop {
+        let found = etcd_client.get(key, None).await?;
+        if let Some(kv) = found.kvs().first() {
+            assert_eq!(kv.value_str()?, grpc);
+            assert_ne!(kv.lease(), 0, "registered without a lease");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{key} never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     phase("SIGTERM: a clean exit");
     let pid = wallet.id().context("wallet pid")?;
     nix::sys::signal::kill(
@@ -171,6 +191,11 @@ async fn e2e_wallet_service_outcomes_metrics_and_sigterm() -> Result<()> {
     )?;
     let status = tokio::time::timeout(Duration::from_secs(10), wallet.wait()).await??;
     assert!(status.success(), "{status:?}");
+    let after = etcd_client.get(key, None).await?;
+    assert!(
+        after.kvs().is_empty(),
+        "{key} still registered after shutdown"
+    );
     lab.down().await?;
     Ok(())
 }
