@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::routing::get;
-use figment::providers::{Env, Format, Toml};
-use figment::Figment;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -71,20 +69,8 @@ fn default_statement_timeout_ms() -> u64 {
 
 impl WalletConfig {
     pub fn load(path: Option<&Path>) -> Result<WalletConfig, GiftError> {
-        let mut figment = Figment::new();
-        if let Some(path) = path {
-            if !path.is_file() {
-                return Err(GiftError::Config(format!(
-                    "config file {} does not exist or is not a file",
-                    path.display()
-                )));
-            }
-            figment = figment.merge(Toml::file(path));
-        }
-        let config: WalletConfig = figment
-            .merge(Env::prefixed("WALLET_").split("__").ignore(&["config"]))
-            .extract()
-            .map_err(|e| GiftError::Config(e.to_string()))?;
+        let config: WalletConfig =
+            telemetry::service::load_config(path, "WALLET_").map_err(GiftError::Config)?;
         config.validate()?;
         Ok(config)
     }

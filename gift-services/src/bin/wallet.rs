@@ -6,9 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use gift_services::wallet_service::{self, WalletConfig};
 use gift_services::GiftError;
-
-/// Exit code for a configuration error (EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
+use telemetry::service::{run_service, Failure};
 
 #[derive(Parser)]
 #[command(
@@ -23,42 +21,21 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match WalletConfig::load(args.config.as_deref()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("wallet: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("wallet: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
-        let _telemetry = match telemetry::init("wallet", &format!("wallet-{}", config.site)) {
-            Ok(guard) => guard,
-            Err(e) => return Err(GiftError::Config(e.to_string())),
-        };
-        // On the worker pool, not block_on's thread (see the invoker's main).
-        tokio::spawn(wallet_service::serve(config, telemetry::shutdown_signal()))
-            .await
-            .unwrap_or_else(|e| Err(GiftError::Serve(format!("service task failed: {e}"))))
+    let config = WalletConfig::load(args.config.as_deref()).map_err(|e| match e {
+        GiftError::Config(m) => m,
+        other => other.to_string(),
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("wallet: {e}");
-            if matches!(e, GiftError::Config(_)) {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-    }
+    run_service(
+        "wallet",
+        |c: &WalletConfig| format!("wallet-{}-{}", c.site, c.listen_addr.port()),
+        config,
+        |config, shutdown| async move {
+            wallet_service::serve(config, shutdown)
+                .await
+                .map_err(|e| match e {
+                    GiftError::Config(m) => Failure::Config(m),
+                    other => Failure::Runtime(other.to_string()),
+                })
+        },
+    )
 }

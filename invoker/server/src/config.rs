@@ -5,8 +5,6 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Toml};
-use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::InvokerError;
@@ -75,20 +73,8 @@ pub struct MemberConfig {
 impl Config {
     /// Loads the file (if given) and the environment, then validates the result.
     pub fn load(path: Option<&Path>) -> Result<Config, InvokerError> {
-        let mut figment = Figment::new();
-        if let Some(path) = path {
-            if !path.is_file() {
-                return Err(InvokerError::Config(format!(
-                    "config file {} does not exist or is not a file",
-                    path.display()
-                )));
-            }
-            figment = figment.merge(Toml::file(path));
-        }
-        let config: Config = figment
-            .merge(Env::prefixed("INVOKER_").split("__").ignore(&["config"]))
-            .extract()
-            .map_err(|e| InvokerError::Config(e.to_string()))?;
+        let config: Config =
+            telemetry::service::load_config(path, "INVOKER_").map_err(InvokerError::Config)?;
         config.validate()?;
         Ok(config)
     }
@@ -166,6 +152,9 @@ mod tests {
         addr = "127.0.1.1:7001"
         site = "a"
     "#;
+
+    use figment::providers::{Format, Toml};
+    use figment::Figment;
 
     fn parse(text: &str) -> Result<Config, InvokerError> {
         let config: Config = Figment::from(Toml::string(text))

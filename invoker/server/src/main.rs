@@ -6,9 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use invoker::config::Config;
 use invoker::InvokerError;
-
-/// Exit code for a configuration error (EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
+use telemetry::service::{run_service, Failure};
 
 #[derive(Parser)]
 #[command(
@@ -23,50 +21,26 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match Config::load(args.config.as_deref()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("invoker: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("invoker: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // Run the node as a spawned task: what `block_on` polls runs on the main thread, outside
-    // the worker pool, and the gRPC server polls its connections inside its serve future.
-    let result = runtime.block_on(async {
-        tokio::spawn(run(config))
-            .await
-            .unwrap_or_else(|e| Err(InvokerError::Serve(format!("node task failed: {e}"))))
+    let config = Config::load(args.config.as_deref()).map_err(|e| match e {
+        InvokerError::Config(m) => m,
+        other => other.to_string(),
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(kind = e.kind(), "invoker failed: {e}");
-            eprintln!("invoker: {e}");
-            if matches!(e, InvokerError::Config(_)) {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-    }
-}
-
-async fn run(config: Config) -> Result<(), InvokerError> {
-    let _telemetry = telemetry::init("invoker", &format!("invoker-{}", config.node_id))
-        .map_err(|e| InvokerError::Config(e.to_string()))?;
-    let node = invoker::Node::start(&config).await?;
-    node.bootstrap(&config).await?;
-    invoker::node::serve(node, &config, telemetry::shutdown_signal()).await?;
-    tracing::info!("invoker stopped cleanly");
-    Ok(())
+    run_service(
+        "invoker",
+        |c: &Config| format!("invoker-{}", c.node_id),
+        config,
+        |config, shutdown| async move {
+            let failure = |e: InvokerError| match e {
+                InvokerError::Config(m) => Failure::Config(m),
+                other => Failure::Runtime(other.to_string()),
+            };
+            let node = invoker::Node::start(&config).await.map_err(failure)?;
+            node.bootstrap(&config).await.map_err(failure)?;
+            invoker::node::serve(node, &config, shutdown)
+                .await
+                .map_err(failure)?;
+            tracing::info!("invoker stopped cleanly");
+            Ok(())
+        },
+    )
 }

@@ -8,7 +8,10 @@
 //! Keep the returned [`Guard`] alive for the life of the process: dropping it flushes the
 //! spans still buffered.
 //!
-//! Also [`shutdown_signal`], the one way every long-running binary learns it should stop.
+//! Also [`shutdown_signal`], the one way every long-running binary learns it should stop, and
+//! [`service`], the `main` skeleton they share (config with exit 64, runtime, worker pool).
+
+pub mod service;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
