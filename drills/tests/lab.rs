@@ -78,6 +78,8 @@ async fn e2e_full_lab_up_is_described_streams_and_down_stops_everything() {
         "etcd-b",
         "postgres-a",
         "postgres-b",
+        "wallet-a",
+        "wallet-b",
     ];
     assert_eq!(names, expected.into_iter().collect());
     for p in &desc.processes {
@@ -109,6 +111,12 @@ async fn e2e_full_lab_up_is_described_streams_and_down_stops_everything() {
     assert!(desc.endpoints.postgres["a"].starts_with("postgres://postgres@127.0.1.3:"));
     assert!(desc.endpoints.postgres["a"].ends_with("/gift"));
     assert!(desc.endpoints.etcd["b"].starts_with("http://127.0.2.2:"));
+    assert!(desc.endpoints.wallet["a"].starts_with("127.0.1.4:"));
+    assert!(desc.endpoints.wallet["b"].starts_with("127.0.2.4:"));
+    assert_eq!(
+        lab.process("wallet-b").map(|p| p.kind),
+        Some(ProcessKind::Wallet)
+    );
     assert!(desc.healthy_after_ms.is_some());
     assert!(tmp.path().join("topology.toml").is_file());
     assert_eq!(
@@ -148,7 +156,9 @@ async fn e2e_full_lab_up_is_described_streams_and_down_stops_everything() {
 
     // A second lab in the same directory is refused while this one runs.
     match Lab::start(LabOptions::new(tmp.path())).await {
-        Err(LabError::AlreadyRunning { names, .. }) => assert_eq!(names.len(), 7),
+        Err(LabError::AlreadyRunning { names, .. }) => {
+            assert_eq!(names.len(), desc.processes.len())
+        }
         Err(other) => panic!("expected AlreadyRunning, got {other}"),
         Ok(_) => panic!("a second lab started in the same directory"),
     }
@@ -182,6 +192,8 @@ async fn e2e_down_dir_stops_a_leaked_lab() {
     let tmp = tempfile::tempdir().unwrap();
     let lab = Lab::start(LabOptions::new(tmp.path())).await.unwrap();
     let desc = lab.describe().clone();
+    // Three invokers, two etcd, two PostgreSQL, two wallets.
+    assert_eq!(desc.processes.len(), 9, "{:?}", desc.processes);
     let pids = all_pids(&desc);
     // Simulates a crash of the process that ran the lab: no Drop, no down.
     std::mem::forget(lab);
@@ -190,7 +202,11 @@ async fn e2e_down_dir_stops_a_leaked_lab() {
     }
 
     let report = down_dir(tmp.path()).unwrap();
-    assert_eq!(report.stopped.len() + report.killed.len(), 7, "{report:?}");
+    assert_eq!(
+        report.stopped.len() + report.killed.len(),
+        desc.processes.len(),
+        "{report:?}"
+    );
     assert_none_alive(&pids);
     assert!(lab::running_processes(tmp.path()).is_empty());
 
@@ -200,7 +216,7 @@ async fn e2e_down_dir_stops_a_leaked_lab() {
         again.stopped.is_empty() && again.killed.is_empty(),
         "{again:?}"
     );
-    assert_eq!(again.not_running.len(), 7);
+    assert_eq!(again.not_running.len(), desc.processes.len());
 }
 
 #[tokio::test]

@@ -31,6 +31,7 @@ pub enum ProcessKind {
     Invoker,
     Etcd,
     Postgres,
+    Wallet,
 }
 
 impl std::fmt::Display for ProcessKind {
@@ -39,6 +40,7 @@ impl std::fmt::Display for ProcessKind {
             ProcessKind::Invoker => "invoker",
             ProcessKind::Etcd => "etcd",
             ProcessKind::Postgres => "postgres",
+            ProcessKind::Wallet => "wallet",
         })
     }
 }
@@ -47,7 +49,7 @@ impl ProcessKind {
     /// The key in [`ProcessInfo::listen`] of the address clients use.
     pub fn main_addr_key(self) -> &'static str {
         match self {
-            ProcessKind::Invoker => "grpc",
+            ProcessKind::Invoker | ProcessKind::Wallet => "grpc",
             ProcessKind::Etcd => "client",
             ProcessKind::Postgres => "sql",
         }
@@ -127,6 +129,9 @@ pub struct Endpoints {
     /// etcd client URL per site.
     #[serde(default)]
     pub etcd: BTreeMap<String, String>,
+    /// Wallet gRPC address (`host:port`) per site.
+    #[serde(default)]
+    pub wallet: BTreeMap<String, String>,
 }
 
 /// The content of `DIR/lab.json`.

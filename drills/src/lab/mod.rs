@@ -11,6 +11,8 @@
 //! | `etcd-b`     | b       | 127.0.2.2      |
 //! | `postgres-a` | a       | 127.0.1.3 (primary)            |
 //! | `postgres-b` | b       | 127.0.2.3 (streaming replica)  |
+//! | `wallet-a`   | a       | 127.0.1.4 (writes to the primary) |
+//! | `wallet-b`   | b       | 127.0.2.4 (writes to the primary) |
 //!
 //! Each child leads its own process group, logs to `DIR/logs/<name>.log`, and is recorded in
 //! `DIR/pids/<name>.pid` the moment it is spawned and in `DIR/lab.json`, so that [`down_dir`]
@@ -24,6 +26,7 @@ mod invoker;
 mod paths;
 mod postgres;
 mod proc;
+mod wallet;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -568,6 +571,42 @@ impl Lab {
         };
         tokio::try_join!(invokers, etcds, postgres)?;
 
+        // The wallets need the primary (they apply the schema) and their site's etcd.
+        if full {
+            let wallet_bin = find_bin("wallet")?;
+            let primary_url = plan.primary.url();
+            let mut wallets = Vec::new();
+            for site in ["a", "b"] {
+                let wallet = wallet::WalletPlan::new(site)?;
+                let etcd = plan
+                    .etcds
+                    .iter()
+                    .find(|e| e.site == site)
+                    .map(|e| e.client_url());
+                let (spec, info) = wallet.spec(&dir, &wallet_bin, &primary_url, etcd.as_deref())?;
+                let mut reg = lock(&reg);
+                reg.desc
+                    .endpoints
+                    .wallet
+                    .insert(site.to_string(), wallet.grpc.clone());
+                reg.spawn(spec, info)?;
+                wallets.push((wallet, etcd));
+            }
+            let checks = wallets.iter().map(|(wallet, etcd)| {
+                let what = format!("{} to serve and register", wallet.name());
+                let reg = &reg;
+                async move {
+                    let check = || lock(reg).check_exited(None);
+                    poll_until(check, started, deadline, &what, || {
+                        wallet.check(etcd.as_deref())
+                    })
+                    .await
+                }
+            });
+            futures::future::try_join_all(checks).await?;
+            tracing::info!(elapsed_ms = ms(started), "lab: wallets serve in both sites");
+        }
+
         let mut reg = reg.into_inner().unwrap_or_else(PoisonError::into_inner);
         reg.desc.healthy_after_ms = Some(ms(started));
         reg.desc.save()?;
@@ -687,10 +726,12 @@ impl Lab {
             let kind = info.kind;
             async move {
                 match (kind, pg) {
-                    (ProcessKind::Invoker, _) => tokio::net::TcpStream::connect(&addr)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| format!("{addr}: {e}")),
+                    (ProcessKind::Invoker | ProcessKind::Wallet, _) => {
+                        tokio::net::TcpStream::connect(&addr)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| format!("{addr}: {e}"))
+                    }
                     (ProcessKind::Etcd, _) => etcd::check(&format!("http://{addr}")).await,
                     (ProcessKind::Postgres, Some(pg)) => {
                         let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, "0"));

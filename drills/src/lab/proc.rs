@@ -185,7 +185,7 @@ pub(crate) fn pid_of(pid: u32) -> Pid {
 pub(crate) fn graceful_signal(kind: ProcessKind) -> Signal {
     match kind {
         ProcessKind::Postgres => Signal::SIGINT,
-        ProcessKind::Invoker | ProcessKind::Etcd => Signal::SIGTERM,
+        ProcessKind::Invoker | ProcessKind::Etcd | ProcessKind::Wallet => Signal::SIGTERM,
     }
 }
 
