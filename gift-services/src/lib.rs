@@ -15,6 +15,7 @@
 //!   one debit and at most one refund per order); the code relies on it rather than on
 //!   check-then-act.
 
+pub mod reconcile;
 pub mod registry;
 pub mod wallet;
 pub mod wallet_service;
