@@ -95,6 +95,34 @@ pub struct ProcessInfo {
 }
 
 impl ProcessInfo {
+    /// The description of a process about to be spawned from `spec`: name, log, environment
+    /// and command come from the spec; pid, group and start time are filled in at spawn.
+    pub(crate) fn planned(
+        spec: &super::proc::SpawnSpec,
+        kind: ProcessKind,
+        site: &str,
+        listen: BTreeMap<String, String>,
+        data_dir: PathBuf,
+    ) -> ProcessInfo {
+        ProcessInfo {
+            name: spec.name.clone(),
+            kind,
+            site: site.to_string(),
+            node_id: None,
+            pid: 0,
+            pgid: 0,
+            start_ticks: 0,
+            listen,
+            log: spec.log.clone(),
+            data_dir,
+            config: None,
+            command: spec.command_line(),
+            env: spec.env.clone(),
+            user: None,
+            restarts: 0,
+        }
+    }
+
     /// The address clients use (`grpc` of an invoker, `client` of etcd, `sql` of postgres).
     pub fn main_addr(&self) -> Option<&str> {
         self.listen

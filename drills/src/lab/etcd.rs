@@ -67,26 +67,11 @@ impl EtcdPlan {
             log: log.clone(),
             lab_dir: dir.to_path_buf(),
         };
-        let info = ProcessInfo {
-            name,
-            kind: ProcessKind::Etcd,
-            site: self.site.clone(),
-            node_id: None,
-            pid: 0,
-            pgid: 0,
-            start_ticks: 0,
-            listen: BTreeMap::from([
-                ("client".to_string(), self.client.clone()),
-                ("peer".to_string(), self.peer.clone()),
-            ]),
-            log,
-            data_dir,
-            config: None,
-            command: spec.command_line(),
-            env: BTreeMap::new(),
-            user: None,
-            restarts: 0,
-        };
+        let listen = BTreeMap::from([
+            ("client".to_string(), self.client.clone()),
+            ("peer".to_string(), self.peer.clone()),
+        ]);
+        let info = ProcessInfo::planned(&spec, ProcessKind::Etcd, &self.site, listen, data_dir);
         (spec, info)
     }
 }

@@ -464,25 +464,14 @@ impl Lab {
                 log: log.clone(),
                 lab_dir: dir.clone(),
             };
+            let listen = BTreeMap::from([
+                ("grpc".to_string(), node.grpc.clone()),
+                ("metrics".to_string(), node.metrics.clone()),
+            ]);
             let info = ProcessInfo {
-                name,
-                kind: ProcessKind::Invoker,
-                site: node.site.clone(),
                 node_id: Some(node.id),
-                pid: 0,
-                pgid: 0,
-                start_ticks: 0,
-                listen: BTreeMap::from([
-                    ("grpc".to_string(), node.grpc.clone()),
-                    ("metrics".to_string(), node.metrics.clone()),
-                ]),
-                log,
-                data_dir,
                 config: Some(config),
-                command: spec.command_line(),
-                env: env.clone(),
-                user: None,
-                restarts: 0,
+                ..ProcessInfo::planned(&spec, ProcessKind::Invoker, &node.site, listen, data_dir)
             };
             lock(&reg).spawn(spec, info)?;
         }

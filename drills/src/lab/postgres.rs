@@ -105,22 +105,10 @@ impl PgPlan {
             log: self.log(dir),
             lab_dir: dir.to_path_buf(),
         };
+        let listen = BTreeMap::from([("sql".to_string(), format!("{}:{}", self.host, self.port))]);
         let info = ProcessInfo {
-            name,
-            kind: ProcessKind::Postgres,
-            site: self.site.clone(),
-            node_id: None,
-            pid: 0,
-            pgid: 0,
-            start_ticks: 0,
-            listen: BTreeMap::from([("sql".to_string(), format!("{}:{}", self.host, self.port))]),
-            log: self.log(dir),
-            data_dir,
-            config: None,
-            command: spec.command_line(),
-            env: BTreeMap::new(),
             user: pg.user(),
-            restarts: 0,
+            ..ProcessInfo::planned(&spec, ProcessKind::Postgres, &self.site, listen, data_dir)
         };
         (spec, info)
     }

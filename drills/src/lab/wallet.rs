@@ -82,25 +82,13 @@ impl WalletPlan {
             log: log.clone(),
             lab_dir: dir.to_path_buf(),
         };
+        let listen = BTreeMap::from([
+            ("grpc".to_string(), self.grpc.clone()),
+            ("metrics".to_string(), self.metrics.clone()),
+        ]);
         let info = ProcessInfo {
-            name,
-            kind: ProcessKind::Wallet,
-            site: self.site.clone(),
-            node_id: None,
-            pid: 0,
-            pgid: 0,
-            start_ticks: 0,
-            listen: BTreeMap::from([
-                ("grpc".to_string(), self.grpc.clone()),
-                ("metrics".to_string(), self.metrics.clone()),
-            ]),
-            log,
-            data_dir: home,
             config: Some(config_path),
-            command: spec.command_line(),
-            env: BTreeMap::new(),
-            user: None,
-            restarts: 0,
+            ..ProcessInfo::planned(&spec, ProcessKind::Wallet, &self.site, listen, home)
         };
         Ok((spec, info))
     }
