@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the build and the lab need, when missing (idempotent):
 #   protoc (protobuf-compiler)   etcd-client's and invoker-api's build scripts
+#   google/protobuf/*.proto      the well-known types protoc imports (libprotobuf-dev; only a
+#                                recommendation of protobuf-compiler, which we skip)
 #   PostgreSQL (initdb, ...)     the lab's primary and replica; /usr/lib/postgresql/*/bin
 #   etcd (etcd-server)           the lab's per-site etcd; /usr/bin/etcd
 #   nft (nftables)               partitions between the lab's sites
@@ -19,12 +21,16 @@ fi
 have_initdb() {
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
 }
+have_wkt() {
+    [ -f /usr/include/google/protobuf/descriptor.proto ]
+}
 have_nft() {
     command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || [ -x /sbin/nft ]
 }
 
 missing=()
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+have_wkt || missing+=(libprotobuf-dev)
 have_initdb || missing+=(postgresql)
 [ -x /usr/bin/etcd ] || missing+=(etcd-server)
 have_nft || missing+=(nftables)
@@ -47,6 +53,7 @@ fi
 
 # Check what apt-get could not have noticed (a package that installs elsewhere).
 command -v protoc >/dev/null 2>&1 || { echo "setup: protoc still missing" >&2; exit 1; }
+have_wkt || { echo "setup: /usr/include/google/protobuf/descriptor.proto still missing" >&2; exit 1; }
 have_initdb || { echo "setup: initdb still missing under /usr/lib/postgresql/*/bin" >&2; exit 1; }
 [ -x /usr/bin/etcd ] || { echo "setup: /usr/bin/etcd still missing" >&2; exit 1; }
 have_nft || { echo "setup: nft still missing" >&2; exit 1; }
