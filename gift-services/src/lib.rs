@@ -15,9 +15,15 @@
 //!   one debit and at most one refund per order); the code relies on it rather than on
 //!   check-then-act.
 
+pub mod api;
+pub mod orders;
+pub mod outbox;
 pub mod reconcile;
 pub mod registry;
+pub mod saga;
+pub mod settlement;
 pub mod wallet;
+pub mod wallet_client;
 pub mod wallet_service;
 
 pub use wallet::{Ledger, Outcome, Rejection};

@@ -231,9 +231,16 @@ impl WalletService {
             Err(GiftError::InvalidInput(m)) => Err(Status::invalid_argument(m)),
             Err(e) => {
                 tracing::warn!(op, "outcome unknown: {e}");
-                Err(Status::unavailable(format!(
+                let mut status = Status::unavailable(format!(
                     "outcome unknown ({e}); retry with the same order id or idempotency key"
-                )))
+                ));
+                // Tells clients the request reached the wallet: unlike a connection failure,
+                // it may have committed.
+                status.metadata_mut().insert(
+                    crate::wallet_client::OUTCOME_HEADER,
+                    tonic::metadata::MetadataValue::from_static("unknown"),
+                );
+                Err(status)
             }
         }
     }
