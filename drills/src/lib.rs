@@ -3,6 +3,7 @@
 //! any part of it.
 
 pub mod lab;
+pub mod loadgen;
 
 pub use lab::{
     down_dir, Components, DownReport, Lab, LabDescription, LabError, LabOptions, ProcessInfo,

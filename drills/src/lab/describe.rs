@@ -32,6 +32,7 @@ pub enum ProcessKind {
     Etcd,
     Postgres,
     Wallet,
+    GiftApi,
 }
 
 impl std::fmt::Display for ProcessKind {
@@ -41,6 +42,7 @@ impl std::fmt::Display for ProcessKind {
             ProcessKind::Etcd => "etcd",
             ProcessKind::Postgres => "postgres",
             ProcessKind::Wallet => "wallet",
+            ProcessKind::GiftApi => "gift-api",
         })
     }
 }
@@ -52,6 +54,7 @@ impl ProcessKind {
             ProcessKind::Invoker | ProcessKind::Wallet => "grpc",
             ProcessKind::Etcd => "client",
             ProcessKind::Postgres => "sql",
+            ProcessKind::GiftApi => "http",
         }
     }
 }
@@ -160,6 +163,9 @@ pub struct Endpoints {
     /// Wallet gRPC address (`host:port`) per site.
     #[serde(default)]
     pub wallet: BTreeMap<String, String>,
+    /// gift-api base URL (`http://host:port`) per site.
+    #[serde(default)]
+    pub gift_api: BTreeMap<String, String>,
 }
 
 /// The content of `DIR/lab.json`.

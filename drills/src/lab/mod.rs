@@ -13,6 +13,8 @@
 //! | `postgres-b` | b       | 127.0.2.3 (streaming replica)  |
 //! | `wallet-a`   | a       | 127.0.1.4 (writes to the primary) |
 //! | `wallet-b`   | b       | 127.0.2.4 (writes to the primary) |
+//! | `gift-api-a` | a       | 127.0.1.5 (HTTP; orders on the primary) |
+//! | `gift-api-b` | b       | 127.0.2.5 (HTTP; reads from the replica) |
 //!
 //! Each child leads its own process group, logs to `DIR/logs/<name>.log`, and is recorded in
 //! `DIR/pids/<name>.pid` the moment it is spawned and in `DIR/lab.json`, so that [`down_dir`]
@@ -26,7 +28,7 @@ mod invoker;
 mod paths;
 mod postgres;
 mod proc;
-mod wallet;
+mod services;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -82,6 +84,8 @@ pub struct LabOptions {
     pub raft: RaftOverrides,
     /// Extra environment variables of every invoker (`RUST_LOG`, `OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub invoker_env: Vec<(String, String)>,
+    /// Extra environment variables of both gift-api instances (`GIFT_API_EFFECT_URL`, ...).
+    pub gift_api_env: Vec<(String, String)>,
     /// Apply [`lab_topology`] through the admin API once the invokers have a leader.
     pub apply_topology: bool,
     /// How long [`Lab::start`] (and [`Lab::restart`]) wait for health.
@@ -96,6 +100,7 @@ impl LabOptions {
             components: Components::Full,
             raft: RaftOverrides::default(),
             invoker_env: Vec::new(),
+            gift_api_env: Vec::new(),
             apply_topology: true,
             health_timeout: Duration::from_secs(60),
         }
@@ -560,40 +565,73 @@ impl Lab {
         };
         tokio::try_join!(invokers, etcds, postgres)?;
 
-        // The wallets need the primary (they apply the schema) and their site's etcd.
+        // The gift services need the primary (they apply the schema) and their site's etcd.
         if full {
             let wallet_bin = find_bin("wallet")?;
-            let primary_url = plan.primary.url();
-            let mut wallets = Vec::new();
-            for site in ["a", "b"] {
-                let wallet = wallet::WalletPlan::new(site)?;
+            let api_bin = find_bin("gift-api")?;
+            let sites = ["a", "b"];
+            let wallets = sites
+                .iter()
+                .map(|site| services::ServicePlan::wallet(site))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut planned = Vec::new();
+            for (i, site) in sites.iter().enumerate() {
                 let etcd = plan
                     .etcds
                     .iter()
-                    .find(|e| e.site == site)
+                    .find(|e| e.site == *site)
                     .map(|e| e.client_url());
-                let (spec, info) = wallet.spec(&dir, &wallet_bin, &primary_url, etcd.as_deref())?;
-                let mut reg = lock(&reg);
-                reg.desc
-                    .endpoints
-                    .wallet
-                    .insert(site.to_string(), wallet.grpc.clone());
-                reg.spawn(spec, info)?;
-                wallets.push((wallet, etcd));
+                // This site's wallet first, then the other's.
+                let mut wallet_addrs = vec![wallets[i].addr.clone()];
+                wallet_addrs.extend(
+                    wallets
+                        .iter()
+                        .filter(|w| w.site != *site)
+                        .map(|w| w.addr.clone()),
+                );
+                let deps = services::SiteDeps {
+                    primary_url: plan.primary.url(),
+                    replica_url: (plan.replica.site == *site).then(|| plan.replica.url()),
+                    etcd,
+                    wallets: wallet_addrs,
+                };
+                let api = services::ServicePlan::gift_api(site)?;
+                for (service, bin) in [(&wallets[i], &wallet_bin), (&api, &api_bin)] {
+                    let (mut spec, info) = service.spec(&dir, bin, &deps)?;
+                    if service.kind == ProcessKind::GiftApi {
+                        spec.env.extend(opts.gift_api_env.iter().cloned());
+                    }
+                    let mut reg = lock(&reg);
+                    let endpoints = &mut reg.desc.endpoints;
+                    match service.kind {
+                        ProcessKind::GiftApi => {
+                            endpoints.gift_api.insert(site.to_string(), service.url())
+                        }
+                        _ => endpoints
+                            .wallet
+                            .insert(site.to_string(), service.addr.clone()),
+                    };
+                    reg.spawn(spec, info)?;
+                }
+                planned.push((wallets[i].clone(), deps.etcd.clone()));
+                planned.push((api, deps.etcd));
             }
-            let checks = wallets.iter().map(|(wallet, etcd)| {
-                let what = format!("{} to serve and register", wallet.name());
+            let checks = planned.iter().map(|(service, etcd)| {
+                let what = format!("{} to serve and register", service.name());
                 let reg = &reg;
                 async move {
                     let check = || lock(reg).check_exited(None);
                     poll_until(check, started, deadline, &what, || {
-                        wallet.check(etcd.as_deref())
+                        service.check(etcd.as_deref())
                     })
                     .await
                 }
             });
             futures::future::try_join_all(checks).await?;
-            tracing::info!(elapsed_ms = ms(started), "lab: wallets serve in both sites");
+            tracing::info!(
+                elapsed_ms = ms(started),
+                "lab: gift services serve in both sites"
+            );
         }
 
         let mut reg = reg.into_inner().unwrap_or_else(PoisonError::into_inner);
@@ -715,6 +753,7 @@ impl Lab {
             let kind = info.kind;
             async move {
                 match (kind, pg) {
+                    (ProcessKind::GiftApi, _) => services::http_ready(&addr).await,
                     (ProcessKind::Invoker | ProcessKind::Wallet, _) => {
                         tokio::net::TcpStream::connect(&addr)
                             .await

@@ -185,7 +185,9 @@ pub(crate) fn pid_of(pid: u32) -> Pid {
 pub(crate) fn graceful_signal(kind: ProcessKind) -> Signal {
     match kind {
         ProcessKind::Postgres => Signal::SIGINT,
-        ProcessKind::Invoker | ProcessKind::Etcd | ProcessKind::Wallet => Signal::SIGTERM,
+        ProcessKind::Invoker | ProcessKind::Etcd | ProcessKind::Wallet | ProcessKind::GiftApi => {
+            Signal::SIGTERM
+        }
     }
 }
 
@@ -379,10 +381,14 @@ impl SpawnSpec {
             // whole group can be signalled.
             .process_group(0)
             .env(LAB_DIR_ENV, &self.lab_dir);
-        // An INVOKER_* variable in the caller's environment would silently override the
-        // config file the lab wrote.
+        // A service's variable in the caller's environment would silently override the config
+        // file the lab wrote.
         for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("INVOKER_") {
+            let key_text = key.to_string_lossy();
+            if ["INVOKER_", "WALLET_", "GIFT_API_"]
+                .iter()
+                .any(|prefix| key_text.starts_with(prefix))
+            {
                 cmd.env_remove(key);
             }
         }

@@ -1,25 +1,19 @@
-//! The wallet service in each site: configured to write to the primary with epoch 1, and
-//! registered in its site's etcd.
+//! The gift services in each site: the wallet (gRPC, writes to the primary with epoch 1) and
+//! gift-api (HTTP, orders on the primary, reads from the site's own database, wallets of its
+//! own site first), each registered in its site's etcd under
+//! `/services/<service>/<site>/<instance>`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::describe::{ProcessInfo, ProcessKind, LOGS_DIR};
 use super::proc::SpawnSpec;
 use super::{site_ip, LabError};
 
-/// Host part of the wallet's addresses in its site's range.
-const WALLET_HOST: u8 = 4;
-
-#[derive(Debug, Clone)]
-pub(crate) struct WalletPlan {
-    pub site: String,
-    pub grpc: String,
-    pub metrics: String,
-}
-
-fn free_addr(site: &str) -> Result<String, LabError> {
-    let ip = site_ip(site, WALLET_HOST);
+fn free_addr(site: &str, host: u8) -> Result<String, LabError> {
+    let ip = site_ip(site, host);
     let listener = std::net::TcpListener::bind((ip, 0))
         .map_err(|e| LabError::io(format!("finding a free port on {ip}"), e))?;
     let addr = listener
@@ -28,48 +22,110 @@ fn free_addr(site: &str) -> Result<String, LabError> {
     Ok(addr.to_string())
 }
 
-impl WalletPlan {
-    pub fn new(site: &str) -> Result<WalletPlan, LabError> {
-        Ok(WalletPlan {
+/// Where the services of one site find what they depend on.
+#[derive(Debug, Clone)]
+pub(crate) struct SiteDeps {
+    /// The writer (the primary), for every site.
+    pub primary_url: String,
+    /// The site's own database when it is a replica (reads that tolerate staleness).
+    pub replica_url: Option<String>,
+    /// The site's etcd (registration).
+    pub etcd: Option<String>,
+    /// Wallet gRPC addresses, this site's first.
+    pub wallets: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ServicePlan {
+    pub kind: ProcessKind,
+    pub site: String,
+    /// gRPC (wallet) or HTTP (gift-api) `host:port`.
+    pub addr: String,
+    /// The wallet's separate metrics endpoint (gift-api serves `/metrics` on `addr`).
+    pub metrics: Option<String>,
+}
+
+impl ServicePlan {
+    pub fn wallet(site: &str) -> Result<ServicePlan, LabError> {
+        Ok(ServicePlan {
+            kind: ProcessKind::Wallet,
             site: site.to_string(),
-            grpc: free_addr(site)?,
-            metrics: free_addr(site)?,
+            addr: free_addr(site, 4)?,
+            metrics: Some(free_addr(site, 4)?),
         })
     }
 
+    pub fn gift_api(site: &str) -> Result<ServicePlan, LabError> {
+        Ok(ServicePlan {
+            kind: ProcessKind::GiftApi,
+            site: site.to_string(),
+            addr: free_addr(site, 5)?,
+            metrics: None,
+        })
+    }
+
+    fn service(&self) -> &'static str {
+        match self.kind {
+            ProcessKind::GiftApi => "gift-api",
+            _ => "wallet",
+        }
+    }
+
     pub fn name(&self) -> String {
-        format!("wallet-{}", self.site)
+        format!("{}-{}", self.service(), self.site)
+    }
+
+    /// gift-api's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// The etcd key the instance registers under.
     pub fn key(&self) -> String {
-        format!("/services/wallet/{}/{}", self.site, self.name())
+        format!("/services/{}/{}/{}", self.service(), self.site, self.name())
     }
 
-    /// Writes `DIR/wallet-<site>/wallet.toml`; returns the spawn spec and the description.
+    fn config(&self, deps: &SiteDeps) -> String {
+        let name = self.name();
+        let mut config = format!(
+            "site = {site:?}\nlisten_addr = {addr:?}\ndatabase_url = {db:?}\nmigrate = true\ninstance = {name:?}\n",
+            site = self.site,
+            addr = self.addr,
+            db = deps.primary_url,
+        );
+        match self.kind {
+            ProcessKind::GiftApi => {
+                config.push_str(&format!("wallet_endpoints = {:?}\n", deps.wallets));
+                if let Some(replica) = &deps.replica_url {
+                    config.push_str(&format!("replica_url = {replica:?}\n"));
+                }
+            }
+            _ => {
+                config.push_str("epoch = 1\n");
+                if let Some(metrics) = &self.metrics {
+                    config.push_str(&format!("metrics_addr = {metrics:?}\n"));
+                }
+            }
+        }
+        if let Some(etcd) = &deps.etcd {
+            config.push_str(&format!("etcd_endpoints = [{etcd:?}]\n"));
+        }
+        config
+    }
+
+    /// Writes `DIR/<name>/<service>.toml`; returns the spawn spec and the description.
     pub fn spec(
         &self,
         dir: &Path,
         bin: &Path,
-        database_url: &str,
-        etcd: Option<&str>,
+        deps: &SiteDeps,
     ) -> Result<(SpawnSpec, ProcessInfo), LabError> {
         let name = self.name();
         let home = dir.join(&name);
         std::fs::create_dir_all(&home)
             .map_err(|e| LabError::io(format!("creating {}", home.display()), e))?;
-        let mut config = format!(
-            "site = {site:?}\nlisten_addr = {grpc:?}\nmetrics_addr = {metrics:?}\n\
-             database_url = {database_url:?}\nepoch = 1\nmigrate = true\ninstance = {name:?}\n",
-            site = self.site,
-            grpc = self.grpc,
-            metrics = self.metrics,
-        );
-        if let Some(etcd) = etcd {
-            config.push_str(&format!("etcd_endpoints = [{etcd:?}]\n"));
-        }
-        let config_path = home.join("wallet.toml");
-        std::fs::write(&config_path, config)
+        let config_path = home.join(format!("{}.toml", self.service()));
+        std::fs::write(&config_path, self.config(deps))
             .map_err(|e| LabError::io(format!("writing {}", config_path.display()), e))?;
         let log = dir.join(LOGS_DIR).join(format!("{name}.log"));
         let spec = SpawnSpec {
@@ -79,25 +135,32 @@ impl WalletPlan {
             env: BTreeMap::new(),
             run_as: None,
             cwd: dir.to_path_buf(),
-            log: log.clone(),
+            log,
             lab_dir: dir.to_path_buf(),
         };
-        let listen = BTreeMap::from([
-            ("grpc".to_string(), self.grpc.clone()),
-            ("metrics".to_string(), self.metrics.clone()),
-        ]);
+        let mut listen =
+            BTreeMap::from([(self.kind.main_addr_key().to_string(), self.addr.clone())]);
+        if let Some(metrics) = &self.metrics {
+            listen.insert("metrics".to_string(), metrics.clone());
+        }
         let info = ProcessInfo {
             config: Some(config_path),
-            ..ProcessInfo::planned(&spec, ProcessKind::Wallet, &self.site, listen, home)
+            ..ProcessInfo::planned(&spec, self.kind, &self.site, listen, home)
         };
         Ok((spec, info))
     }
 
-    /// Healthy: the gRPC port accepts connections and the instance is registered.
+    /// Healthy: serving (the wallet's port accepts connections; gift-api's `/readyz` says
+    /// ready) and registered in the site's etcd.
     pub async fn check(&self, etcd: Option<&str>) -> Result<(), String> {
-        tokio::net::TcpStream::connect(&self.grpc)
-            .await
-            .map_err(|e| format!("{}: {e}", self.grpc))?;
+        match self.kind {
+            ProcessKind::GiftApi => http_ready(&self.addr).await?,
+            _ => {
+                tokio::net::TcpStream::connect(&self.addr)
+                    .await
+                    .map_err(|e| format!("{}: {e}", self.addr))?;
+            }
+        }
         let Some(etcd) = etcd else {
             return Ok(());
         };
@@ -112,5 +175,30 @@ impl WalletPlan {
             return Err(format!("{} not registered in {etcd} yet", self.key()));
         }
         Ok(())
+    }
+}
+
+/// `GET /readyz` answers 200 (a bare HTTP/1.0 exchange: the lab needs no HTTP client).
+pub(crate) async fn http_ready(addr: &str) -> Result<(), String> {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    stream
+        .write_all(format!("GET /readyz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let mut head = vec![0u8; 64];
+    let n = stream
+        .read(&mut head)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let head = String::from_utf8_lossy(&head[..n]);
+    if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{addr}/readyz: {}",
+            head.lines().next().unwrap_or("no answer")
+        ))
     }
 }
