@@ -269,29 +269,57 @@ impl OrderStore {
     /// the order as it is now (another site's retry may have done this first).
     pub async fn mark_paid(&self, order_id: &str) -> Result<Option<Order>, GiftError> {
         let o = self.schema();
-        let mut tx = self.pool.begin().await?;
+        // One statement (one round trip, one commit): the status change and its outbox
+        // events commit together or not at all.
         let updated = sqlx::query(&format!(
-            "UPDATE {o}.gift_orders SET status = 'paid', reason = NULL, updated_at = now() \
-             WHERE order_id = $1 AND status = 'created' RETURNING order_id"
+            "WITH paid AS (UPDATE {o}.gift_orders SET status = 'paid', reason = NULL, updated_at = now() \
+                           WHERE order_id = $1 AND status = 'created' RETURNING *), \
+                  events AS (INSERT INTO {o}.outbox (order_id, kind, payload) \
+                             SELECT order_id, kind, '{{}}'::jsonb FROM paid, unnest($2::text[]) AS kind \
+                             ON CONFLICT (order_id, kind) DO NOTHING) \
+             SELECT {ORDER_COLUMNS} FROM paid"
         ))
         .bind(order_id)
-        .fetch_optional(&mut *tx)
+        .bind([EVENT_GIFT_PAID, EVENT_ACTIVITY])
+        .fetch_optional(&self.pool)
         .await?;
-        if updated.is_some() {
-            let enqueue = format!(
-                "INSERT INTO {o}.outbox (order_id, kind, payload) VALUES ($1, $2, '{{}}'::jsonb) \
-                 ON CONFLICT (order_id, kind) DO NOTHING"
-            );
-            for kind in [EVENT_GIFT_PAID, EVENT_ACTIVITY] {
-                sqlx::query(&enqueue)
-                    .bind(order_id)
-                    .bind(kind)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+        match updated {
+            Some(row) => Ok(Some(Order::from_row(&row))),
+            None => self.get(order_id).await,
         }
-        tx.commit().await?;
-        self.get(order_id).await
+    }
+
+    /// The orders among `order_ids` that exist, in one round trip.
+    pub async fn get_many(&self, order_ids: &[String]) -> Result<Vec<Order>, GiftError> {
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS} FROM {}.gift_orders WHERE order_id = ANY($1)",
+            self.schema()
+        );
+        let rows = sqlx::query(&sql)
+            .bind(order_ids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(Order::from_row).collect())
+    }
+
+    /// `paid` → `delivered` for `order_ids` and their outbox events processed, in one
+    /// statement.
+    pub async fn deliver_batch(
+        &self,
+        order_ids: &[String],
+        outbox_ids: &[i64],
+    ) -> Result<(), GiftError> {
+        let o = self.schema();
+        sqlx::query(&format!(
+            "WITH delivered AS (UPDATE {o}.gift_orders SET status = 'delivered', updated_at = now() \
+                                WHERE order_id = ANY($1) AND status = 'paid') \
+             UPDATE {o}.outbox SET processed_at = now() WHERE id = ANY($2)"
+        ))
+        .bind(order_ids)
+        .bind(outbox_ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Moves the order from one of `from` to `to` with a reason; false if it was not in `from`.

@@ -155,7 +155,105 @@ impl Worker {
         Ok(())
     }
 
-    /// Applies the weak activity update once per order.
+    /// Applies the weak activity update (room leaderboard) once per order for a batch, and
+    /// marks those events processed, in one statement.
+    async fn activity_batch(&self, events: &[&Claimed]) -> Result<(), GiftError> {
+        let o = self.schema();
+        let order_ids: Vec<&str> = events.iter().map(|e| e.order_id.as_str()).collect();
+        let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+        sqlx::query(&format!(
+            "WITH applied AS (INSERT INTO {o}.activity_applied (order_id) \
+                              SELECT unnest($1::text[]) ON CONFLICT DO NOTHING RETURNING order_id), \
+                  scores AS (INSERT INTO {o}.leaderboard (room_id, user_id, score) \
+                             SELECT g.room_id, g.user_id, sum(g.amount) FROM {o}.gift_orders g \
+                             JOIN applied a ON a.order_id = g.order_id \
+                             GROUP BY g.room_id, g.user_id ORDER BY g.room_id, g.user_id \
+                             ON CONFLICT (room_id, user_id) DO UPDATE \
+                             SET score = leaderboard.score + excluded.score, updated_at = now()) \
+             UPDATE {o}.outbox SET processed_at = now() WHERE id = ANY($2)"
+        ))
+        .bind(&order_ids)
+        .bind(&ids)
+        .execute(self.saga.orders.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// The common case of a batch of `gift_paid` events, in three statements whatever the
+    /// batch size: credit the streamers of every paid order, deliver the effects (concurrently),
+    /// mark the delivered orders and their events. Anything else (an effect that failed, an
+    /// order not `paid` any more) goes through [`Worker::handle`] one by one.
+    async fn gift_paid_batch<'e>(
+        &self,
+        events: &[&'e Claimed],
+    ) -> Vec<(&'e Claimed, &'static str)> {
+        let order_ids: Vec<String> = events.iter().map(|e| e.order_id.clone()).collect();
+        let paid: Vec<crate::orders::Order> = match self.saga.orders.get_many(&order_ids).await {
+            Ok(orders) => orders.into_iter().filter(|o| o.status == "paid").collect(),
+            Err(e) => {
+                tracing::warn!("outbox batch: {e}");
+                return events.iter().map(|e| (*e, "error")).collect();
+            }
+        };
+        if let Err(e) = self.saga.settlement.credit_batch(&paid).await {
+            // Credits are idempotent: the one-by-one path retries them.
+            tracing::info!("batch credit failed, going one by one: {e}");
+        }
+        let traffic = self.saga.orders.traffic();
+        let deliveries =
+            futures::future::join_all(paid.iter().map(|o| self.saga.effects.deliver(o, traffic)))
+                .await;
+        let delivered: Vec<String> = paid
+            .iter()
+            .zip(&deliveries)
+            .filter(|(_, d)| d.is_ok())
+            .map(|(o, _)| o.order_id.clone())
+            .collect();
+        let (done, rest): (Vec<&Claimed>, Vec<&Claimed>) =
+            events.iter().partition(|e| delivered.contains(&e.order_id));
+        let mut results = Vec::new();
+        let done_ids: Vec<i64> = done.iter().map(|e| e.id).collect();
+        match self.saga.orders.deliver_batch(&delivered, &done_ids).await {
+            Ok(()) => results.extend(done.into_iter().map(|e| (e, "done"))),
+            Err(e) => {
+                tracing::warn!("outbox batch: {e}");
+                results.extend(done.into_iter().map(|e| (e, "error")));
+            }
+        }
+        for event in rest {
+            results.push((event, self.handle(event).await));
+        }
+        results
+    }
+
+    /// Handles one claimed batch; the result label of every event.
+    async fn handle_batch<'e>(&self, claimed: &'e [Claimed]) -> Vec<(&'e Claimed, &'static str)> {
+        let (gift_paid, other): (Vec<&Claimed>, Vec<&Claimed>) =
+            claimed.iter().partition(|e| e.kind == EVENT_GIFT_PAID);
+        let (activity, other): (Vec<&Claimed>, Vec<&Claimed>) =
+            other.into_iter().partition(|e| e.kind == EVENT_ACTIVITY);
+        let mut results = Vec::new();
+        if !gift_paid.is_empty() {
+            results.extend(self.gift_paid_batch(&gift_paid).await);
+        }
+        if !activity.is_empty() {
+            match self.activity_batch(&activity).await {
+                Ok(()) => results.extend(activity.into_iter().map(|e| (e, "done"))),
+                Err(e) => {
+                    tracing::info!("activity batch failed, going one by one: {e}");
+                    for event in activity {
+                        results.push((event, self.handle(event).await));
+                    }
+                }
+            }
+        }
+        for event in other {
+            results.push((event, self.handle(event).await));
+        }
+        results
+    }
+
+    /// Applies the weak activity update once for one order (the fallback of the batch).
     async fn activity(&self, order_id: &str) -> Result<(), GiftError> {
         let o = self.schema();
         let mut tx = self.saga.orders.pool().begin().await?;
@@ -253,8 +351,7 @@ impl Worker {
                 }
             };
             let busy = !claimed.is_empty();
-            let handled = futures::future::join_all(claimed.iter().map(|e| self.handle(e))).await;
-            for (event, result) in claimed.iter().zip(handled) {
+            for (event, result) in self.handle_batch(&claimed).await {
                 self.metrics
                     .events
                     .get_or_create(&EventLabels {

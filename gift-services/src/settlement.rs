@@ -54,6 +54,34 @@ impl Settlement {
         Ok(inserted)
     }
 
+    /// Credits every paid order of `orders` once, in one statement: the credits and the
+    /// income they add commit together. Streamers are updated in id order so that workers in
+    /// both sites never wait on each other in a cycle.
+    pub async fn credit_batch(&self, orders: &[Order]) -> Result<(), GiftError> {
+        if orders.is_empty() {
+            return Ok(());
+        }
+        let s = self.traffic.settlement_schema();
+        let ids: Vec<&str> = orders.iter().map(|o| o.order_id.as_str()).collect();
+        let streamers: Vec<i64> = orders.iter().map(|o| o.streamer_id).collect();
+        let amounts: Vec<i64> = orders.iter().map(|o| o.amount).collect();
+        sqlx::query(&format!(
+            "WITH new AS (INSERT INTO {s}.credits (order_id, streamer_id, amount) \
+                          SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) \
+                          ON CONFLICT (order_id) DO NOTHING RETURNING streamer_id, amount) \
+             INSERT INTO {s}.income (streamer_id, balance) \
+             SELECT streamer_id, sum(amount) FROM new GROUP BY streamer_id ORDER BY streamer_id \
+             ON CONFLICT (streamer_id) DO UPDATE \
+             SET balance = income.balance + excluded.balance, updated_at = now()"
+        ))
+        .bind(&ids)
+        .bind(&streamers)
+        .bind(&amounts)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Takes back the order's credit if there is one, once. True if this call did it.
     pub async fn reverse(&self, order: &Order) -> Result<bool, GiftError> {
         let s = self.traffic.settlement_schema();
