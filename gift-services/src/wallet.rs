@@ -248,6 +248,28 @@ impl Ledger {
             Ok(()) => body(&mut tx).await,
             Err(e) => Err(e),
         };
+        Self::finish(tx, result).await
+    }
+
+    /// Runs `body` in a transaction; commits only when it finishes with a fresh `Committed`.
+    /// The body itself must check the epoch first (see [`Ledger::debit`]).
+    async fn write_unchecked<'a, F>(&'a self, body: F) -> Result<Outcome, GiftError>
+    where
+        F: for<'t> FnOnce(
+            &'t mut Transaction<'a, Postgres>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Step<(i64, Amount)>> + Send + 't>,
+        >,
+    {
+        let mut tx = self.pool.begin().await?;
+        let result = body(&mut tx).await;
+        Self::finish(tx, result).await
+    }
+
+    async fn finish(
+        tx: Transaction<'_, Postgres>,
+        result: Step<(i64, Amount)>,
+    ) -> Result<Outcome, GiftError> {
         match result {
             Ok((seq, balance)) => {
                 tx.commit().await?;
@@ -317,6 +339,12 @@ impl Ledger {
     }
 
     /// Debits `amount` from `user_id` for `order_id`, exactly once per order.
+    ///
+    /// The hot path of every gift, so it takes four round trips: BEGIN; the epoch check and
+    /// the account lock in one statement; the ledger append and the balance update in one
+    /// statement; COMMIT. The replay check comes last: an insert that finds the order's debit
+    /// already there (a retry, possibly from the other site) reads it back and answers
+    /// `duplicate`.
     pub async fn debit(
         &self,
         order_id: &str,
@@ -327,32 +355,67 @@ impl Ledger {
         check_user(user_id)?;
         check_amount(amount)?;
         let order = order_id.to_string();
-        self.write(|tx| {
+        let w = self.schema();
+        let epoch = i64::try_from(self.epoch).unwrap_or(i64::MAX);
+        self.write_unchecked(|tx| {
             Box::pin(async move {
-                let balance = self.lock_account(tx, user_id).await?;
-                if let Some((seq, user, earlier)) =
-                    self.entry_for_order(tx, "debit", &order).await?
-                {
-                    if user != user_id || earlier != amount {
-                        return rejected(Rejection::Conflict(format!(
-                            "order {order} was already debited {earlier} from user {user}"
-                        )));
-                    }
-                    return Err(Early::Done(Outcome::Committed {
-                        seq,
-                        balance,
-                        duplicate: true,
-                    }));
+                let row = sqlx::query(&format!(
+                    "SELECT (SELECT epoch FROM {w}.fencing FOR SHARE) AS epoch, \
+                            (SELECT balance FROM {w}.accounts WHERE user_id = $1 FOR UPDATE) AS balance"
+                ))
+                .bind(user_id)
+                .fetch_one(&mut **tx)
+                .await?;
+                let database = u64::try_from(row.get::<Option<i64>, _>("epoch").unwrap_or(0)).unwrap_or(0);
+                if database != self.epoch {
+                    return rejected(Rejection::StaleEpoch {
+                        writer: self.epoch,
+                        database,
+                    });
                 }
-                if balance < amount {
-                    return rejected(Rejection::InsufficientFunds { balance, amount });
-                }
-                let key = format!("debit:{order}");
-                let seq = self
-                    .append(tx, user_id, "debit", amount, Some(&order), &key)
+                let Some(balance) = row.get::<Option<i64>, _>("balance") else {
+                    return rejected(Rejection::UnknownAccount(user_id));
+                };
+                if balance >= amount {
+                    let key = format!("debit:{order}");
+                    let applied = sqlx::query(&format!(
+                        "WITH entry AS (INSERT INTO {w}.ledger (user_id, kind, amount, order_id, idempotency_key, epoch) \
+                                        VALUES ($1, 'debit', $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING seq) \
+                         UPDATE {w}.accounts SET balance = balance - $2, updated_at = now() \
+                         WHERE user_id = $1 AND EXISTS (SELECT 1 FROM entry) \
+                         RETURNING balance, (SELECT seq FROM entry) AS seq"
+                    ))
+                    .bind(user_id)
+                    .bind(amount)
+                    .bind(&order)
+                    .bind(&key)
+                    .bind(epoch)
+                    .fetch_optional(&mut **tx)
                     .await?;
-                let balance = self.add_to_balance(tx, user_id, -amount).await?;
-                Ok((seq, balance))
+                    if let Some(row) = applied {
+                        return Ok((row.get("seq"), row.get("balance")));
+                    }
+                }
+                // Not enough money, or the order's debit exists already: which one?
+                let balance = self.lock_account(tx, user_id).await?;
+                match self.entry_for_order(tx, "debit", &order).await? {
+                    Some((seq, user, earlier)) if user == user_id && earlier == amount => {
+                        Err(Early::Done(Outcome::Committed {
+                            seq,
+                            balance,
+                            duplicate: true,
+                        }))
+                    }
+                    Some((_, user, earlier)) => rejected(Rejection::Conflict(format!(
+                        "order {order} was already debited {earlier} from user {user}"
+                    ))),
+                    None if balance < amount => {
+                        rejected(Rejection::InsufficientFunds { balance, amount })
+                    }
+                    None => rejected(Rejection::Conflict(format!(
+                        "the debit key of order {order} is taken by another entry"
+                    ))),
+                }
             })
         })
         .await
