@@ -23,3 +23,7 @@ echo "invokerctl --endpoints $endpoints status"
 if ! target/debug/invokerctl --endpoints "$endpoints" status; then
     echo "lab.sh: invokerctl status failed (the lab itself is up; see target/debug/lab status)" >&2
 fi
+echo
+echo "gift-api: a $(target/debug/lab endpoints --gift-api a)  b $(target/debug/lab endpoints --gift-api b)"
+echo "load:     target/debug/loadgen --lab ${LAB_DIR:-/tmp/gift-lab} --rate-per-sec 100 --duration-secs 60"
+echo "money:    target/debug/reconcile --database-url \"\$(target/debug/lab endpoints --postgres a)\""

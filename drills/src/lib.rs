@@ -2,6 +2,7 @@
 //! whole deployment as child processes so that tests and people can kill, pause or partition
 //! any part of it.
 
+pub mod bench;
 pub mod lab;
 pub mod loadgen;
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use drills::bench::machine;
 use drills::lab::{Lab, LabOptions};
 use hdrhistogram::Histogram;
 use invoker_api::{pb, InvokerClient};
@@ -70,22 +71,6 @@ struct Ratio {
     clients: usize,
     throughput_invoker_over_etcd: f64,
     p99_invoker_over_etcd: f64,
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    format!("{cores} cores, {cpu}")
 }
 
 fn set_request(i: u64) -> pb::SetRoutingRequest {

@@ -4,6 +4,7 @@
 //! lab up [--dir DIR] [--detach] [--invokers-only]   # foreground until Ctrl-C / SIGTERM
 //! lab status [--dir DIR] [--json]
 //! lab endpoints [--dir DIR]                          # comma-separated invoker endpoints
+//! lab endpoints --postgres a | --gift-api b           # one site's database / gift-api URL
 //! lab down [--dir DIR]
 //! ```
 
@@ -62,10 +63,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print the invoker endpoints, comma-separated (for `invokerctl --endpoints`).
+    /// Print the invoker endpoints, comma-separated (for `invokerctl --endpoints`), or with
+    /// --postgres / --gift-api one site's database URL or gift-api URL.
     Endpoints {
         #[command(flatten)]
         dir: DirArg,
+        /// The PostgreSQL URL of this site (`a` is the primary).
+        #[arg(long, value_name = "SITE", conflicts_with = "gift_api")]
+        postgres: Option<String>,
+        /// The gift-api base URL of this site.
+        #[arg(long, value_name = "SITE")]
+        gift_api: Option<String>,
     },
     /// Stop every process of the lab (works from the pid files, even after a crash).
     Down {
@@ -95,9 +103,27 @@ async fn main() -> Result<()> {
             up(opts, detach).await
         }
         Command::Status { dir, json } => status(&dir.dir, json).await,
-        Command::Endpoints { dir } => {
+        Command::Endpoints {
+            dir,
+            postgres,
+            gift_api,
+        } => {
             let desc = load(&dir.dir)?;
-            println!("{}", desc.endpoints.invokers.join(","));
+            let pick =
+                |map: &std::collections::BTreeMap<String, String>, site: &str, what: &str| {
+                    map.get(site).cloned().with_context(|| {
+                        format!(
+                            "no {what} in site {site:?} (sites: {:?})",
+                            map.keys().collect::<Vec<_>>()
+                        )
+                    })
+                };
+            let line = match (postgres, gift_api) {
+                (Some(site), _) => pick(&desc.endpoints.postgres, &site, "PostgreSQL")?,
+                (_, Some(site)) => pick(&desc.endpoints.gift_api, &site, "gift-api")?,
+                _ => desc.endpoints.invokers.join(","),
+            };
+            println!("{line}");
             Ok(())
         }
         Command::Down { dir } => down(&dir.dir),
@@ -171,6 +197,9 @@ fn print_summary(desc: &LabDescription) {
     }
     for (site, url) in &desc.endpoints.etcd {
         println!("etcd {site}: {url}");
+    }
+    for (site, url) in &desc.endpoints.gift_api {
+        println!("gift-api {site}: {url}");
     }
     if let Some(t) = &desc.topology {
         println!("topology: {}", t.display());

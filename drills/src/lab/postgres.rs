@@ -147,6 +147,8 @@ max_wal_senders = 10
 max_replication_slots = 10
 hot_standby = on
 shared_buffers = 32MB
+# Two wallets and two gift-apis (16 connections each), a replica pool, tools, pgbench.
+max_connections = 200
 log_line_prefix = '%m [%p] %q%u@%d '
 ";
 

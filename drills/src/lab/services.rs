@@ -96,6 +96,8 @@ impl ServicePlan {
         match self.kind {
             ProcessKind::GiftApi => {
                 config.push_str(&format!("wallet_endpoints = {:?}\n", deps.wallets));
+                // Two cores for the whole lab: more connections only add context switches.
+                config.push_str("pool_size = 16\n");
                 if let Some(replica) = &deps.replica_url {
                     config.push_str(&format!("replica_url = {replica:?}\n"));
                 }
