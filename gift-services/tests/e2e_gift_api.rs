@@ -269,6 +269,69 @@ async fn e2e_gift_api_one_key_retried_concurrently_through_both_sites() -> Resul
     assert_eq!(strong["source"], "primary");
     assert_eq!(strong["balance"], 10_000 - 150);
 
+    phase("near-real-time reconciliation: JSON per run, metrics, clean stop on SIGTERM");
+    let db = env
+        .lab
+        .describe()
+        .endpoints
+        .postgres
+        .get("a")
+        .unwrap()
+        .clone();
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.1.9:0")?;
+        l.local_addr()?
+    };
+    let mut watcher = std::process::Command::new(env!("CARGO_BIN_EXE_reconcile"))
+        .args([
+            "--database-url",
+            &db,
+            "--watch",
+            "--interval-secs",
+            "1",
+            "--grace-secs",
+            "0",
+            "--window-secs",
+            "60",
+        ])
+        .args(["--metrics-addr", &metrics_addr.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let metrics = loop {
+        let text = match env
+            .http
+            .get(format!("http://{metrics_addr}/metrics"))
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.contains("reconcile_runs_total{check=\"clean\"} 2") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no two clean runs: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(metrics.contains("reconcile_money_conserved 1"), "{metrics}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(watcher.id())?),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let output = tokio::task::spawn_blocking(move || watcher.wait_with_output()).await??;
+    assert_eq!(output.status.code(), Some(0));
+    let first: Value = serde_json::from_str(
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .context("a JSON line")?,
+    )?;
+    assert_eq!(first["mismatch_count"], 0);
+    assert_eq!(first["scope"]["window_secs"], 60);
+    assert_eq!(first["conservation"]["conserved"], true);
+
     phase("gift-api deregisters on SIGTERM");
     let etcd_b = env.lab.describe().endpoints.etcd.get("b").unwrap().clone();
     let mut etcd = etcd_client::Client::connect([etcd_b.as_str()], None).await?;
