@@ -282,7 +282,7 @@ async fn e2e_gift_api_one_key_retried_concurrently_through_both_sites() -> Resul
         let l = std::net::TcpListener::bind("127.0.1.9:0")?;
         l.local_addr()?
     };
-    let mut watcher = std::process::Command::new(env!("CARGO_BIN_EXE_reconcile"))
+    let watcher = std::process::Command::new(env!("CARGO_BIN_EXE_reconcile"))
         .args([
             "--database-url",
             &db,
