@@ -31,7 +31,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 
 use crate::orders::{NewOrder, OrderStore};
@@ -838,28 +837,12 @@ async fn observe(
     response
 }
 
-fn pool(url: &str, size: u32, statement_timeout_ms: u64) -> Result<PgPool, GiftError> {
-    Ok(PgPoolOptions::new()
-        .max_connections(size)
-        .acquire_timeout(Duration::from_millis(statement_timeout_ms))
-        .after_connect(move |conn, _| {
-            Box::pin(async move {
-                sqlx::query(&format!("SET statement_timeout = {statement_timeout_ms}"))
-                    .execute(conn)
-                    .await
-                    .map(|_| ())
-            })
-        })
-        // Lazily: the API starts (not ready) while the database is down and recovers by itself.
-        .connect_lazy(url)?)
-}
-
 /// Connects, optionally migrates, starts the outbox worker, and serves until `shutdown`.
 pub async fn serve(
     config: ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GiftError> {
-    let primary = pool(
+    let primary = crate::pool(
         &config.database_url,
         config.pool_size,
         config.statement_timeout_ms,
@@ -867,7 +850,7 @@ pub async fn serve(
     let replica = config
         .replica_url
         .as_deref()
-        .map(|url| pool(url, config.pool_size.min(16), config.statement_timeout_ms))
+        .map(|url| crate::pool(url, config.pool_size.min(16), config.statement_timeout_ms))
         .transpose()?;
     if config.migrate {
         crate::migrate(&primary).await?;
@@ -936,23 +919,20 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .map_err(|e| GiftError::Serve(format!("cannot listen on {}: {e}", config.listen_addr)))?;
-    if config.etcd_endpoints.is_empty() {
-        tracing::info!("no etcd_endpoints: not registering");
-    } else {
-        let instance = config
-            .instance
+    match crate::registry::Registration::from_config(
+        "gift-api",
+        &config.site,
+        &config.etcd_endpoints,
+        config.instance.as_deref(),
+        config.listen_addr.port(),
+        config
+            .advertise_addr
             .clone()
-            .unwrap_or_else(|| format!("gift-api-{}", config.listen_addr.port()));
-        let registration = crate::registry::Registration {
-            endpoints: config.etcd_endpoints.clone(),
-            key: crate::registry::Registration::key_for("gift-api", &config.site, &instance),
-            address: config
-                .advertise_addr
-                .clone()
-                .unwrap_or_else(|| format!("http://{}", config.listen_addr)),
-            ttl_secs: config.registration_ttl_secs,
-        };
-        background.push(tokio::spawn(registration.run(stop_rx.clone())));
+            .unwrap_or_else(|| format!("http://{}", config.listen_addr)),
+        config.registration_ttl_secs,
+    ) {
+        Some(registration) => background.push(tokio::spawn(registration.run(stop_rx.clone()))),
+        None => tracing::info!("no etcd_endpoints: not registering"),
     }
     tracing::info!(site = %config.site, http = %config.listen_addr, "gift-api listening");
     let mut stop = stop_rx;

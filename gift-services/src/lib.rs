@@ -104,6 +104,25 @@ impl Traffic {
     }
 }
 
+/// A lazily connected pool whose sessions give up on a statement after
+/// `statement_timeout_ms` (the server stops work the client has given up on), and whose
+/// callers wait at most as long for a connection. Lazy: a service starts, not ready, while
+/// the database is down, and recovers by itself when it returns.
+pub fn pool(url: &str, size: u32, statement_timeout_ms: u64) -> Result<sqlx::PgPool, GiftError> {
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(std::time::Duration::from_millis(statement_timeout_ms))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                sqlx::query(&format!("SET statement_timeout = {statement_timeout_ms}"))
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .connect_lazy(url)?)
+}
+
 /// Applies the schema migrations (idempotent; sqlx records what ran).
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), GiftError> {
     sqlx::migrate!("./migrations").run(pool).await?;

@@ -27,6 +27,29 @@ impl Registration {
         format!("/services/{service}/{site}/{instance}")
     }
 
+    /// The registration a service's configuration asks for: none without etcd endpoints;
+    /// the instance name defaults to `<service>-<port>`.
+    pub fn from_config(
+        service: &str,
+        site: &str,
+        etcd_endpoints: &[String],
+        instance: Option<&str>,
+        port: u16,
+        address: String,
+        ttl_secs: i64,
+    ) -> Option<Registration> {
+        if etcd_endpoints.is_empty() {
+            return None;
+        }
+        let instance = instance.map_or_else(|| format!("{service}-{port}"), str::to_string);
+        Some(Registration {
+            endpoints: etcd_endpoints.to_vec(),
+            key: Registration::key_for(service, site, &instance),
+            address,
+            ttl_secs,
+        })
+    }
+
     /// Keeps the key registered until `stop` turns true, then revokes it.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut backoff_ms = 100;

@@ -13,7 +13,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::PgPoolOptions;
 use tonic::{Request, Response, Status};
 
 use crate::pb;
@@ -311,22 +310,11 @@ pub async fn serve(
     config: WalletConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GiftError> {
-    let timeout_ms = config.statement_timeout_ms;
-    let pool = PgPoolOptions::new()
-        .max_connections(config.pool_size)
-        .acquire_timeout(Duration::from_millis(timeout_ms))
-        .after_connect(move |conn, _| {
-            Box::pin(async move {
-                // The server gives up on a statement the client has given up on.
-                sqlx::query(&format!("SET statement_timeout = {timeout_ms}"))
-                    .execute(conn)
-                    .await
-                    .map(|_| ())
-            })
-        })
-        // Connect lazily: the service starts (and reports not serving) while the database is
-        // down, and recovers by itself when it returns.
-        .connect_lazy(&config.database_url)?;
+    let pool = crate::pool(
+        &config.database_url,
+        config.pool_size,
+        config.statement_timeout_ms,
+    )?;
     if config.migrate {
         crate::migrate(&pool).await?;
     }
@@ -384,24 +372,19 @@ pub async fn serve(
             }
         });
     }
-    let registration = if config.etcd_endpoints.is_empty() {
-        None
-    } else {
-        let instance = config
-            .instance
+    let registration = crate::registry::Registration::from_config(
+        "wallet",
+        &config.site,
+        &config.etcd_endpoints,
+        config.instance.as_deref(),
+        config.listen_addr.port(),
+        config
+            .advertise_addr
             .clone()
-            .unwrap_or_else(|| format!("wallet-{}", config.listen_addr.port()));
-        let registration = crate::registry::Registration {
-            endpoints: config.etcd_endpoints.clone(),
-            key: crate::registry::Registration::key_for("wallet", &config.site, &instance),
-            address: config
-                .advertise_addr
-                .clone()
-                .unwrap_or_else(|| config.listen_addr.to_string()),
-            ttl_secs: config.registration_ttl_secs,
-        };
-        Some(tokio::spawn(registration.run(stop_rx.clone())))
-    };
+            .unwrap_or_else(|| config.listen_addr.to_string()),
+        config.registration_ttl_secs,
+    )
+    .map(|r| tokio::spawn(r.run(stop_rx.clone())));
     tracing::info!(site = %config.site, grpc = %config.listen_addr, epoch = config.epoch, "wallet listening");
     let mut stop = stop_rx;
     tonic::transport::Server::builder()
