@@ -900,3 +900,93 @@ async fn e2e_gift_api_bad_input_is_a_clear_4xx_and_writes_nothing() -> Result<()
     env.lab.down().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_gift_api_killed_mid_traffic_loses_nothing() -> Result<()> {
+    let mut env = start(None).await?;
+    for user in 1..=20 {
+        env.top_up(user, 1_000_000, &format!("init-{user}"), false)
+            .await?;
+    }
+    let send = |i: u32| {
+        json!({"user_id": 1 + i % 20, "streamer_id": 500 + i % 7, "gift_id": "heart",
+               "count": 1 + i % 3, "idempotency_key": format!("kill-{i}")})
+    };
+
+    phase("400 sends through site a, SIGKILL of gift-api-a in the middle");
+    let a = env.a.clone();
+    let http = env.http.clone();
+    let traffic = tokio::spawn(async move {
+        futures::stream::iter(0..400u32)
+            .map(|i| {
+                let http = http.clone();
+                let a = a.clone();
+                async move {
+                    let result = http
+                        .post(format!("{a}/v1/gifts"))
+                        .json(&send(i))
+                        .send()
+                        .await;
+                    let status = match result {
+                        Ok(r) => r.status().as_u16(),
+                        Err(_) => 0,
+                    };
+                    (i, status)
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env
+        .scalar("SELECT count(*) FROM orders.gift_orders")
+        .await?
+        < 150
+    {
+        assert!(Instant::now() < deadline, "traffic did not get going");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    env.lab.kill("gift-api-a")?;
+    let results = traffic.await?;
+    let failed: Vec<u32> = results
+        .iter()
+        .filter(|(_, status)| *status != 200)
+        .map(|(i, _)| *i)
+        .collect();
+    eprintln!("{} of 400 sends got no answer or an error", failed.len());
+    assert!(!failed.is_empty(), "the kill should have cut some requests");
+
+    phase("the clients retry the failed ones through site b with the same keys");
+    for i in &failed {
+        let (status, body) = env.post(&env.b, "/v1/gifts", send(*i), false).await?;
+        assert_eq!(status, 200, "retry of kill-{i}: {body}");
+    }
+
+    phase("site b's worker takes over a's claimed events after their lease; nothing lost");
+    env.drain_outbox(Traffic::Real).await?;
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM orders.gift_orders WHERE idempotency_key LIKE 'kill-%'")
+            .await?,
+        400
+    );
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM orders.gift_orders WHERE idempotency_key LIKE 'kill-%' AND status = 'delivered'")
+            .await?,
+        400
+    );
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM wallet.ledger WHERE kind = 'debit'")
+            .await?,
+        400
+    );
+    let report = gift_services::reconcile::run(&env.pool, Traffic::Real, None, 0, None).await?;
+    assert!(
+        report.is_clean(),
+        "{}",
+        serde_json::to_string_pretty(&report)?
+    );
+    assert_eq!(report.conservation.in_transit, 0);
+    env.lab.down().await?;
+    Ok(())
+}
