@@ -1,3 +1,30 @@
-//! The per-site agent: discovers and probes local instances, the site's PostgreSQL and the peer site, and streams reports to the invoker leader.
+//! The per-site agent's eyes: it discovers the service instances registered in etcd
+//! (`/services/<service>/<site>/<instance>` → address), probes those of its own site (HTTP
+//! `/readyz`, or grpc.health.v1 for gRPC services), probes the site's PostgreSQL (role, WAL
+//! positions, replay lag, the wallet ledger's latest sequence, the fencing epoch, read-only),
+//! and probes the peer site's instances (can this site reach the other one?). The witness
+//! agent probes both sites the peer way.
 //!
-//! This crate is intentionally empty in this version: the agent is built with automatic failover (issue #4); its session API is already fixed in invoker/api/proto/invoker/v1/agent.proto.
+//! Each round gives a [`probe::Round`]: plain data, serialisable, with a strictly increasing
+//! sequence number. Streaming rounds to the invoker over the agent session (and the commands
+//! coming back) is the next step of issue #4; today the binary prints rounds (`--once`) or
+//! logs health changes.
+//!
+//! Probes never block each other: every probe has its own timeout and all of a round's
+//! probes run concurrently, so one hung instance cannot delay the report.
+
+pub mod config;
+pub mod discovery;
+pub mod probe;
+
+pub use config::AgentConfig;
+
+/// Every failure of the agent's library.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Binaries exit with code 64 on this one.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("etcd {endpoints}: {message}")]
+    Etcd { endpoints: String, message: String },
+}
