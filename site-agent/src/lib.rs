@@ -6,9 +6,9 @@
 //! agent probes both sites the peer way.
 //!
 //! Each round gives a [`probe::Round`]: plain data, serialisable, with a strictly increasing
-//! sequence number. Streaming rounds to the invoker over the agent session (and the commands
-//! coming back) is the next step of issue #4; today the binary prints rounds (`--once`) or
-//! logs health changes.
+//! sequence number. [`session`] streams the latest round to the invoker leader over the agent
+//! session, following the leader and reconnecting with capped, jittered backoff; probing
+//! never waits for it. Commands from the leader (fence, promote) come with wallet failover.
 //!
 //! Probes never block each other: every probe has its own timeout and all of a round's
 //! probes run concurrently, so one hung instance cannot delay the report.
@@ -16,6 +16,7 @@
 pub mod config;
 pub mod discovery;
 pub mod probe;
+pub mod session;
 
 pub use config::AgentConfig;
 

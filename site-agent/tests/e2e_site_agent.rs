@@ -166,3 +166,214 @@ async fn e2e_site_agent_probes_its_site_the_peer_and_the_databases() -> Result<(
     lab.down().await?;
     Ok(())
 }
+
+/// `invoker_agent_reports_total{site=..,result=..}` on one invoker node.
+async fn reports(lab: &Lab, node: &str, site: &str, result: &str) -> Result<u64> {
+    let addr = lab
+        .process(node)
+        .and_then(|p| p.listen.get("metrics"))
+        .context("invoker metrics address")?
+        .clone();
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let needle = format!("invoker_agent_reports_total{{site=\"{site}\",result=\"{result}\"}} ");
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+async fn wait_reports(lab: &Lab, node: &str, site: &str, at_least: u64) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let n = reports(lab, node, site, "accepted").await?;
+        if n >= at_least {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{node} accepted only {n} reports of site {site}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+fn hello(
+    agent: &str,
+    site: &str,
+    role: invoker_api::pb::AgentRole,
+) -> invoker_api::pb::AgentMessage {
+    use invoker_api::pb;
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Hello(pb::AgentHello {
+            agent_id: agent.into(),
+            site: site.into(),
+            role: role as i32,
+            version: "test".into(),
+            last_seq: 0,
+        })),
+    }
+}
+
+fn report(seq: u64, probe_site: &str) -> invoker_api::pb::AgentMessage {
+    use invoker_api::pb;
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Report(pb::AgentReport {
+            seq,
+            instances: vec![pb::InstanceProbe {
+                service: "gift-api".into(),
+                instance: "x".into(),
+                site: probe_site.into(),
+                healthy: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+    }
+}
+
+/// Opens a session on `addr` with `messages`; the first answer or the error.
+async fn raw_session(
+    addr: &str,
+    messages: Vec<invoker_api::pb::AgentMessage>,
+) -> Result<Result<invoker_api::pb::ControllerMessage, tonic::Status>> {
+    use invoker_api::pb;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut client = pb::agent_session_client::AgentSessionClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    for m in messages {
+        tx.send(m).await?;
+    }
+    let answer = match client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => {
+            let mut inbound = r.into_inner();
+            let first = inbound.message().await;
+            // Let the leader read what was sent before the session closes.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            drop(tx);
+            match first {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => Err(tonic::Status::unknown("no answer")),
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    Ok(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_site_agent_session_follows_the_leader_and_bad_reports_are_refused() -> Result<()> {
+    use invoker_api::pb;
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-agent-session-")
+        .tempdir_in("/tmp")?;
+    let mut lab = Lab::start(LabOptions::new(dir.path().join("lab"))).await?;
+    let config = write_config(dir.path(), &lab, "a")?;
+    let endpoints = lab.invoker_endpoints();
+    let mut text = std::fs::read_to_string(&config)?;
+    text = format!("invoker_endpoints = {endpoints:?}\n{text}");
+    std::fs::write(&config, text)?;
+
+    phase("the agent of site a streams its rounds to the leader");
+    let log = std::fs::File::create(dir.path().join("agent-a.log"))?;
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_site-agent"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(log.try_clone()?)
+        .stdout(log)
+        .spawn()?;
+    let (_, leader) = lab
+        .invoker_leader(std::time::Duration::from_secs(10))
+        .await?;
+    wait_reports(&lab, &leader, "a", 3).await?;
+
+    phase("the leader is SIGKILLed: the agent finds the new leader and goes on");
+    lab.kill(&leader)?;
+    let (_, new_leader) = lab
+        .invoker_leader(std::time::Duration::from_secs(15))
+        .await?;
+    assert_ne!(new_leader, leader);
+    wait_reports(&lab, &new_leader, "a", 3).await?;
+    agent.kill()?;
+    let _ = agent.wait();
+
+    phase("bad sessions and reports are refused, counted, and change nothing");
+    let addr = lab
+        .process(&new_leader)
+        .and_then(|p| p.main_addr())
+        .context("leader address")?
+        .to_string();
+    let refused = raw_session(&addr, vec![hello("agent-z", "z", pb::AgentRole::Site)]).await?;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let refused = raw_session(
+        &addr,
+        vec![hello("agent-w", "witness", pb::AgentRole::Site)],
+    )
+    .await?;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let refused = raw_session(&addr, vec![report(1, "b")]).await?;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let before = reports(&lab, &new_leader, "b", "accepted").await?;
+    let answer = raw_session(
+        &addr,
+        vec![
+            hello("agent-test-b", "b", pb::AgentRole::Site),
+            report(5, "b"),
+            report(5, "b"),
+            report(3, "b"),
+            report(6, "nowhere"),
+            report(7, "b"),
+        ],
+    )
+    .await?;
+    assert!(
+        matches!(
+            answer,
+            Ok(pb::ControllerMessage {
+                body: Some(pb::controller_message::Body::Accepted(_))
+            })
+        ),
+        "{answer:?}"
+    );
+    assert_eq!(
+        reports(&lab, &new_leader, "b", "accepted").await? - before,
+        2
+    );
+    assert_eq!(reports(&lab, &new_leader, "b", "stale_seq").await?, 2);
+    assert_eq!(reports(&lab, &new_leader, "b", "invalid").await?, 1);
+
+    phase("a follower sends the agent to the leader");
+    let follower = ["invoker-1", "invoker-2", "invoker-3"]
+        .into_iter()
+        .find(|n| *n != new_leader && *n != leader)
+        .context("a live follower")?;
+    let follower_addr = lab
+        .process(follower)
+        .and_then(|p| p.main_addr())
+        .context("follower")?
+        .to_string();
+    let answer = raw_session(
+        &follower_addr,
+        vec![hello("agent-test-b2", "b", pb::AgentRole::Site)],
+    )
+    .await?;
+    match answer {
+        Ok(pb::ControllerMessage {
+            body: Some(pb::controller_message::Body::NotLeader(n)),
+        }) => {
+            assert_eq!(n.leader_addr, addr);
+        }
+        other => panic!("expected NotLeader, got {other:?}"),
+    }
+    lab.down().await?;
+    Ok(())
+}

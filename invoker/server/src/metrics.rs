@@ -35,6 +35,15 @@ pub struct Metrics {
     pub last_log_index: Gauge,
     pub last_applied: Gauge,
     pub snapshot_index: Gauge,
+    /// Agent reports by site and result (accepted, or the reason for a rejection).
+    pub agent_reports: Family<AgentLabels, Counter>,
+    pub agent_sessions: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct AgentLabels {
+    pub site: String,
+    pub result: &'static str,
 }
 
 impl Default for Metrics {
@@ -55,6 +64,18 @@ impl Metrics {
         let last_log_index = Gauge::default();
         let last_applied = Gauge::default();
         let snapshot_index = Gauge::default();
+        let agent_reports = Family::<AgentLabels, Counter>::default();
+        let agent_sessions = Gauge::default();
+        registry.register(
+            "agent_reports",
+            "Agent reports received by this node, by site and result (accepted, stale_seq, invalid, not_leader)",
+            agent_reports.clone(),
+        );
+        registry.register(
+            "agent_sessions",
+            "Agent sessions open on this node",
+            agent_sessions.clone(),
+        );
         registry.register(
             "writes",
             "Writes proposed on this node, by command and result",
@@ -101,6 +122,8 @@ impl Metrics {
             last_log_index,
             last_applied,
             snapshot_index,
+            agent_reports,
+            agent_sessions,
         }
     }
 

@@ -135,6 +135,11 @@ impl Node {
         self.committed_index.load(Ordering::Relaxed)
     }
 
+    /// Is this node the leader right now (as far as its raft core knows)?
+    pub fn is_leader(&self) -> bool {
+        self.raft_metrics().current_leader == Some(self.id)
+    }
+
     /// The leader's id and address, when known.
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.raft_metrics();

@@ -1,8 +1,8 @@
 //! `site-agent`: probes its site (and the peer site) every `probe_interval_ms`.
 //!
 //! `--once` runs one round and prints it (JSON with `--json`), exit 0. Otherwise it probes
-//! until SIGTERM and logs every change of an instance's or a database's health. Streaming
-//! the rounds to the invoker comes with the agent session (issue #4, next).
+//! until SIGTERM, streams every round to the invoker leader (when `invoker_endpoints` is set)
+//! and logs every change of an instance's or a database's health.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -90,6 +90,9 @@ async fn run(
     shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 ) -> Result<(), Failure> {
     let interval = Duration::from_millis(config.probe_interval_ms);
+    let (rounds_tx, rounds_rx) = tokio::sync::watch::channel(None);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let session = tokio::spawn(site_agent::session::run(config.clone(), rounds_rx, stop_rx));
     let mut prober = Prober::new(config).map_err(|e| Failure::Config(e.to_string()))?;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -124,6 +127,9 @@ async fn run(
                     d.error.clone(),
                 )
             }));
+        let seen: Vec<_> = seen.collect();
+        // The session sends the newest round; probing never waits for it.
+        rounds_tx.send_replace(Some(round));
         for (name, ok, error) in seen {
             if health.insert(name.clone(), ok) != Some(ok) {
                 if ok {
@@ -134,6 +140,8 @@ async fn run(
             }
         }
     }
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
     tracing::info!("site-agent stopped cleanly");
     Ok(())
 }

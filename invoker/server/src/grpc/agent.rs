@@ -1,28 +1,284 @@
-//! The agent session API. Its shape is fixed in `agent.proto`; sessions themselves (reports in,
-//! commands out) are built with the site agents and the policy loop.
+//! The agent session: agents stream reports to the leader; a follower answers `NotLeader`
+//! with the leader's address so the agent moves there. The leader checks and counts every
+//! report and remembers each agent's last sequence number (soft state: a new leader starts
+//! from the sessions that reconnect to it). Feeding the accepted reports to the failover
+//! policy is the next step of issue #4; today they are counted, not kept.
+//!
+//! Every report is checked before it touches the view: the agent must have said hello with a
+//! known site of the right role, sequence numbers must grow strictly per agent (a replayed or
+//! old report is refused), and every probe must name a known site. A refused report is logged
+//! and counted; the view is unchanged and the session goes on.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::Stream;
 use invoker_api::pb;
+use invoker_domain::{validate_id, SiteRole};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::metrics::AgentLabels;
+use crate::node::Node;
 
 /// Largest agent message accepted: a report of a few hundred probes is a few tens of kB.
 pub const MAX_AGENT_MESSAGE_BYTES: usize = 1024 * 1024;
 
-pub struct AgentService;
+/// How often agents are asked to report.
+const REPORT_INTERVAL_MS: u32 = 250;
+
+/// The last accepted sequence number of every agent (never replicated).
+#[derive(Debug, Default)]
+pub struct AgentViews {
+    last_seq: Mutex<BTreeMap<String, u64>>,
+}
+
+impl AgentViews {
+    fn last_seq(&self, agent_id: &str) -> u64 {
+        self.last_seq
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(agent_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn accept(&self, agent_id: &str, seq: u64) {
+        self.last_seq
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(agent_id.to_string(), seq);
+    }
+}
+
+pub struct AgentService {
+    node: Arc<Node>,
+    views: Arc<AgentViews>,
+}
+
+impl AgentService {
+    pub fn new(node: Arc<Node>) -> AgentService {
+        AgentService {
+            node,
+            views: Arc::new(AgentViews::default()),
+        }
+    }
+}
+
+/// Why a report is refused (also the metric's `result` label).
+fn check_report(
+    report: &pb::AgentReport,
+    last_seq: u64,
+    sites: &BTreeMap<String, SiteRole>,
+) -> Result<(), (&'static str, String)> {
+    if report.seq <= last_seq {
+        return Err((
+            "stale_seq",
+            format!(
+                "report seq {} is not above the last accepted {last_seq}",
+                report.seq
+            ),
+        ));
+    }
+    let serving = |site: &str| matches!(sites.get(site), Some(SiteRole::Site));
+    for i in &report.instances {
+        if !serving(&i.site) || validate_id("service", &i.service).is_err() {
+            return Err((
+                "invalid",
+                format!(
+                    "instance probe of {:?} in unknown site {:?}",
+                    i.service, i.site
+                ),
+            ));
+        }
+    }
+    for d in &report.databases {
+        if !serving(&d.site) {
+            return Err((
+                "invalid",
+                format!("database probe of unknown site {:?}", d.site),
+            ));
+        }
+    }
+    for p in &report.peers {
+        if !serving(&p.target_site) {
+            return Err((
+                "invalid",
+                format!("peer probe of unknown site {:?}", p.target_site),
+            ));
+        }
+    }
+    Ok(())
+}
+
+type SessionStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send + 'static>>;
+
+fn not_leader(node: &Node) -> pb::ControllerMessage {
+    let (leader_id, leader_addr) = node.leader().unwrap_or((0, String::new()));
+    pb::ControllerMessage {
+        body: Some(pb::controller_message::Body::NotLeader(pb::NotLeader {
+            leader_id,
+            leader_addr,
+        })),
+    }
+}
 
 #[tonic::async_trait]
 impl pb::agent_session_server::AgentSession for AgentService {
-    type SessionStream =
-        Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send + 'static>>;
+    type SessionStream = SessionStream;
 
     async fn session(
         &self,
-        _request: Request<Streaming<pb::AgentMessage>>,
+        request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        Err(Status::unimplemented(
-            "agent sessions are not served by this invoker version yet (they arrive with the site agents)",
-        ))
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::AgentMessage {
+                body: Some(pb::agent_message::Body::Hello(hello)),
+            }) => hello,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be AgentHello",
+                ))
+            }
+        };
+        validate_id("agent_id", &hello.agent_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let sites: BTreeMap<String, SiteRole> = {
+            let data = self.node.sm.read().await;
+            data.state
+                .sites
+                .iter()
+                .map(|(id, s)| (id.clone(), s.role))
+                .collect()
+        };
+        let role = match pb::AgentRole::try_from(hello.role) {
+            Ok(pb::AgentRole::Site) => SiteRole::Site,
+            Ok(pb::AgentRole::Witness) => SiteRole::Witness,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "agent role must be SITE or WITNESS",
+                ))
+            }
+        };
+        match sites.get(&hello.site) {
+            Some(r) if *r == role => {}
+            Some(r) => {
+                return Err(Status::invalid_argument(format!(
+                    "site {:?} is a {r} site; this agent says it is a {role} agent",
+                    hello.site
+                )))
+            }
+            None => {
+                tracing::warn!(agent = %hello.agent_id, site = %hello.site, "session refused: unknown site");
+                return Err(Status::invalid_argument(format!(
+                    "unknown site {:?} (known: {:?})",
+                    hello.site,
+                    sites.keys().collect::<Vec<_>>()
+                )));
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        if !self.node.is_leader() {
+            let _ = tx.send(Ok(not_leader(&self.node))).await;
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
+        let term = self.node.raft_metrics().current_term;
+        let accepted = pb::ControllerMessage {
+            body: Some(pb::controller_message::Body::Accepted(
+                pb::SessionAccepted {
+                    leader_id: self.node.id,
+                    term,
+                    report_interval_ms: REPORT_INTERVAL_MS,
+                },
+            )),
+        };
+        let _ = tx.send(Ok(accepted)).await;
+        tracing::info!(agent = %hello.agent_id, site = %hello.site, last_seq = hello.last_seq, "agent session accepted");
+        let node = self.node.clone();
+        let views = self.views.clone();
+        node.metrics.agent_sessions.inc();
+        tokio::spawn(async move {
+            let agent = hello.agent_id;
+            let count = |result: &'static str| {
+                node.metrics
+                    .agent_reports
+                    .get_or_create(&AgentLabels {
+                        site: hello.site.clone(),
+                        result,
+                    })
+                    .inc();
+            };
+            loop {
+                let message = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(%agent, "agent session ended: {e}");
+                        break;
+                    }
+                };
+                let Some(pb::agent_message::Body::Report(report)) = message.body else {
+                    // Command results arrive with the commands (wallet failover).
+                    continue;
+                };
+                if !node.is_leader() {
+                    count("not_leader");
+                    let _ = tx.send(Ok(not_leader(&node))).await;
+                    break;
+                }
+                match check_report(&report, views.last_seq(&agent), &sites) {
+                    Ok(()) => {
+                        count("accepted");
+                        views.accept(&agent, report.seq);
+                    }
+                    Err((result, why)) => {
+                        count(result);
+                        tracing::warn!(%agent, site = %hello.site, "agent report refused: {why}");
+                    }
+                }
+            }
+            node.metrics.agent_sessions.dec();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sites() -> BTreeMap<String, SiteRole> {
+        BTreeMap::from([
+            ("a".to_string(), SiteRole::Site),
+            ("b".to_string(), SiteRole::Site),
+            ("witness".to_string(), SiteRole::Witness),
+        ])
+    }
+
+    #[test]
+    fn reports_are_checked_before_they_count() {
+        let good = pb::AgentReport {
+            seq: 5,
+            instances: vec![pb::InstanceProbe {
+                service: "gift-api".into(),
+                site: "a".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(check_report(&good, 4, &sites()).is_ok());
+        assert_eq!(check_report(&good, 5, &sites()).unwrap_err().0, "stale_seq");
+        let mut bad = good.clone();
+        bad.instances[0].site = "z".into();
+        assert_eq!(check_report(&bad, 0, &sites()).unwrap_err().0, "invalid");
+        let mut bad = good.clone();
+        bad.peers.push(pb::PeerProbe {
+            target_site: "witness".into(),
+            ..Default::default()
+        });
+        assert_eq!(check_report(&bad, 0, &sites()).unwrap_err().0, "invalid");
     }
 }

@@ -1,0 +1,227 @@
+//! The agent's side of the session with the invoker leader: hello, then the latest round
+//! whenever a new one is ready. A follower answers `NotLeader` with the leader's address,
+//! which is tried next; any failure starts over after a capped exponential backoff with
+//! jitter (so agents of a restarted site do not all reconnect in the same millisecond).
+//! Probing goes on regardless: rounds that find no session are simply superseded.
+
+use std::time::Duration;
+
+use invoker_api::pb;
+use rand::Rng;
+use tokio::sync::watch;
+use tonic::transport::Endpoint;
+
+use crate::config::{AgentConfig, Role};
+use crate::probe::{DatabaseRole, Round};
+
+const MIN_BACKOFF_MS: u64 = 100;
+const MAX_BACKOFF_MS: u64 = 5_000;
+
+/// The protobuf form of a round.
+pub fn to_report(round: &Round) -> pb::AgentReport {
+    pb::AgentReport {
+        seq: round.seq,
+        observed_at_ms: i64::try_from(round.observed_at_ms).unwrap_or(i64::MAX),
+        instances: round
+            .instances
+            .iter()
+            .map(|i| pb::InstanceProbe {
+                service: i.service.clone(),
+                instance: i.instance.clone(),
+                address: i.address.clone(),
+                site: i.site.clone(),
+                healthy: i.healthy,
+                latency_us: u32::try_from(i.latency_us).unwrap_or(u32::MAX),
+                error: i.error.clone().unwrap_or_default(),
+                consecutive_failures: i.consecutive_failures,
+            })
+            .collect(),
+        databases: round
+            .databases
+            .iter()
+            .map(|d| pb::DatabaseProbe {
+                site: d.site.clone(),
+                service: d.service.clone(),
+                role: match d.role {
+                    DatabaseRole::Primary => pb::DatabaseRole::Primary,
+                    DatabaseRole::Replica => pb::DatabaseRole::Replica,
+                    DatabaseRole::Unreachable => pb::DatabaseRole::Unreachable,
+                } as i32,
+                current_wal_lsn: d.current_wal_lsn.unwrap_or(0),
+                receive_lsn: d.receive_lsn.unwrap_or(0),
+                replay_lsn: d.replay_lsn.unwrap_or(0),
+                replay_lag_ms: d.replay_lag_ms.unwrap_or(0),
+                ledger_sequence: d.ledger_sequence.unwrap_or(0),
+                fencing_epoch: d.fencing_epoch.unwrap_or(0),
+                read_only: d.read_only.unwrap_or(false),
+                error: d.error.clone().unwrap_or_default(),
+            })
+            .collect(),
+        peers: round
+            .peers
+            .iter()
+            .map(|p| pb::PeerProbe {
+                target_site: p.target_site.clone(),
+                target: p.target.clone(),
+                reachable: p.reachable,
+                latency_us: u32::try_from(p.latency_us).unwrap_or(u32::MAX),
+                error: p.error.clone().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+/// How one session attempt ended.
+enum Ended {
+    /// Try this address next, at once.
+    Redirect(String),
+    /// Start over after a backoff.
+    Failed(String),
+    Stopped,
+}
+
+/// Runs sessions until `stop` turns true.
+pub async fn run(
+    config: AgentConfig,
+    mut rounds: watch::Receiver<Option<Round>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    if config.invoker_endpoints.is_empty() {
+        tracing::info!("no invoker_endpoints: not reporting");
+        return;
+    }
+    let mut backoff_ms = MIN_BACKOFF_MS;
+    let mut next = 0usize;
+    let mut redirect: Option<String> = None;
+    let mut last_seq = 0u64;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let endpoint = redirect.take().unwrap_or_else(|| {
+            let e = config.invoker_endpoints[next % config.invoker_endpoints.len()].clone();
+            next += 1;
+            e
+        });
+        match session(&config, &endpoint, &mut rounds, &mut stop, &mut last_seq).await {
+            Ended::Stopped => return,
+            Ended::Redirect(leader) => {
+                tracing::info!(from = %endpoint, to = %leader, "following the leader");
+                redirect = Some(leader);
+                continue;
+            }
+            Ended::Failed(why) => {
+                tracing::info!(invoker = %endpoint, "session: {why}; retrying in about {backoff_ms} ms");
+            }
+        }
+        // Jitter: 50-100% of the backoff.
+        let sleep_ms = rand::rng().random_range(backoff_ms / 2..=backoff_ms);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
+            _ = stop.changed() => return,
+        }
+        backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
+    }
+}
+
+async fn session(
+    config: &AgentConfig,
+    endpoint: &str,
+    rounds: &mut watch::Receiver<Option<Round>>,
+    stop: &mut watch::Receiver<bool>,
+    last_seq: &mut u64,
+) -> Ended {
+    let url = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let channel = match Endpoint::from_shared(url) {
+        Ok(e) => match e
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => return Ended::Failed(format!("connect: {e}")),
+        },
+        Err(e) => return Ended::Failed(format!("bad endpoint: {e}")),
+    };
+    let mut client = pb::agent_session_client::AgentSessionClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(4);
+    let hello = pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Hello(pb::AgentHello {
+            agent_id: config.agent_id(),
+            site: config.site.clone(),
+            role: match config.role {
+                Role::Site => pb::AgentRole::Site,
+                Role::Witness => pb::AgentRole::Witness,
+            } as i32,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            last_seq: *last_seq,
+        })),
+    };
+    if tx.send(hello).await.is_err() {
+        return Ended::Failed("session closed before hello".into());
+    }
+    let mut inbound = match client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(e) => return Ended::Failed(format!("{:?}: {}", e.code(), e.message())),
+    };
+    match inbound.message().await {
+        Ok(Some(pb::ControllerMessage {
+            body: Some(pb::controller_message::Body::Accepted(a)),
+        })) => {
+            tracing::info!(invoker = %endpoint, leader = a.leader_id, term = a.term, "session accepted");
+        }
+        Ok(Some(pb::ControllerMessage {
+            body: Some(pb::controller_message::Body::NotLeader(n)),
+        })) => {
+            return if n.leader_addr.is_empty() || n.leader_addr == endpoint {
+                Ended::Failed("not the leader, and no leader known".into())
+            } else {
+                Ended::Redirect(n.leader_addr)
+            };
+        }
+        Ok(_) => return Ended::Failed("unexpected first answer".into()),
+        Err(e) => return Ended::Failed(format!("{:?}: {}", e.code(), e.message())),
+    }
+    loop {
+        tokio::select! {
+            changed = rounds.changed() => {
+                if changed.is_err() {
+                    return Ended::Stopped;
+                }
+                let report = match rounds.borrow_and_update().as_ref() {
+                    Some(round) if round.seq > *last_seq => to_report(round),
+                    _ => continue,
+                };
+                let seq = report.seq;
+                let message = pb::AgentMessage {
+                    body: Some(pb::agent_message::Body::Report(report)),
+                };
+                if tx.send(message).await.is_err() {
+                    return Ended::Failed("the session closed".into());
+                }
+                *last_seq = seq;
+            }
+            answer = inbound.message() => match answer {
+                Ok(Some(pb::ControllerMessage { body: Some(pb::controller_message::Body::NotLeader(n)) })) => {
+                    return if n.leader_addr.is_empty() {
+                        Ended::Failed("the leader stepped down".into())
+                    } else {
+                        Ended::Redirect(n.leader_addr)
+                    };
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return Ended::Failed("the invoker closed the session".into()),
+                Err(e) => return Ended::Failed(format!("{:?}: {}", e.code(), e.message())),
+            },
+            _ = stop.changed() => return Ended::Stopped,
+        }
+    }
+}
