@@ -77,7 +77,7 @@ pub struct PeerResult {
 pub struct Round {
     pub agent_id: String,
     pub site: String,
-    /// Strictly increasing within this agent process.
+    /// Strictly increasing, across restarts too (it starts from the clock).
     pub seq: u64,
     pub observed_at_ms: u64,
     /// This agent's own site, probed closely.
@@ -155,7 +155,10 @@ impl Prober {
             known: BTreeMap::new(),
             last_discovery: None,
             failures: BTreeMap::new(),
-            seq: 0,
+            // Sequence numbers must keep growing across restarts of the agent (the leader
+            // refuses anything not above the last it accepted): start from the clock, in
+            // microseconds, and count up by one per round.
+            seq: now_ms().saturating_mul(1000),
         })
     }
 

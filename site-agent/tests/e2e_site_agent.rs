@@ -377,3 +377,105 @@ async fn e2e_site_agent_session_follows_the_leader_and_bad_reports_are_refused()
     lab.down().await?;
     Ok(())
 }
+
+/// gift-api's routing table on the leader: (site, buckets) runs.
+async fn gift_api_routing(lab: &Lab) -> Result<Vec<(String, u32)>> {
+    use invoker_api::pb;
+    let client = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints()).await?;
+    let table = client
+        .admin()
+        .get_routing(pb::GetRoutingRequest {
+            service: "gift-api".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(table.runs.into_iter().map(|r| (r.site, r.count)).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_policy_shifts_gift_api_away_from_a_failed_instance() -> Result<()> {
+    use invoker_api::pb;
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-policy-")
+        .tempdir_in("/tmp")?;
+    let mut lab = Lab::start(LabOptions::new(dir.path().join("lab"))).await?;
+    let endpoints = lab.invoker_endpoints();
+    let mut agents = Vec::new();
+    for site in ["a", "b", "witness"] {
+        let config = write_config(dir.path(), &lab, site)?;
+        let text = std::fs::read_to_string(&config)?.replace(
+            "probe_timeout_ms = 1000\nprobe_interval_ms = 1000\n",
+            "probe_timeout_ms = 200\nprobe_interval_ms = 250\n",
+        );
+        std::fs::write(
+            &config,
+            format!("invoker_endpoints = {endpoints:?}\n{text}"),
+        )?;
+        let log = std::fs::File::create(dir.path().join(format!("agent-{site}.log")))?;
+        agents.push(
+            Command::new(env!("CARGO_BIN_EXE_site-agent"))
+                .arg("--config")
+                .arg(&config)
+                .stderr(log.try_clone()?)
+                .stdout(log)
+                .spawn()?,
+        );
+    }
+
+    phase("all healthy for 4 s: the policy shifts nothing");
+    let before = gift_api_routing(&lab).await?;
+    assert_eq!(before, vec![("a".to_string(), 512), ("b".to_string(), 512)]);
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert_eq!(gift_api_routing(&lab).await?, before);
+
+    phase("gift-api-a SIGKILLed: every gift-api bucket moves to b, by the policy");
+    lab.kill("gift-api-a")?;
+    let killed = std::time::Instant::now();
+    let deadline = killed + std::time::Duration::from_secs(15);
+    loop {
+        let runs = gift_api_routing(&lab).await?;
+        if runs == vec![("b".to_string(), 1024)] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no shift: {runs:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    eprintln!("shifted {:?} after the kill", killed.elapsed());
+    let client = invoker_api::InvokerClient::connect_leader(&endpoints).await?;
+    let wallet = client
+        .admin()
+        .get_routing(pb::GetRoutingRequest {
+            service: "wallet".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(wallet.runs.len(), 2, "the wallet was not moved: {wallet:?}");
+    let audit = client
+        .admin()
+        .list_audit(pb::ListAuditRequest {
+            limit: 20,
+            before_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let shift = audit
+        .entries
+        .iter()
+        .find(|e| e.actor == "policy" && e.reason.contains("shift_buckets"))
+        .context("the shift in the audit log")?;
+    assert!(shift.reason.contains("ServiceFailure"), "{}", shift.reason);
+    let shifts = audit
+        .entries
+        .iter()
+        .filter(|e| e.actor == "policy" && e.reason.contains("policy: shift_buckets"))
+        .count();
+    assert_eq!(shifts, 1, "exactly one automatic shift");
+    for mut agent in agents {
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
+    lab.down().await?;
+    Ok(())
+}

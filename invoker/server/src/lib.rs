@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod policy_loop;
 pub mod store;
 pub mod types;
 

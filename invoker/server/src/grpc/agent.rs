@@ -1,8 +1,8 @@
 //! The agent session: agents stream reports to the leader; a follower answers `NotLeader`
 //! with the leader's address so the agent moves there. The leader checks and counts every
-//! report and remembers each agent's last sequence number (soft state: a new leader starts
-//! from the sessions that reconnect to it). Feeding the accepted reports to the failover
-//! policy is the next step of issue #4; today they are counted, not kept.
+//! report, remembers each agent's last sequence number (soft state: a new leader starts
+//! from the sessions that reconnect to it) and hands accepted reports to the failover loop
+//! ([`crate::policy_loop`]).
 //!
 //! Every report is checked before it touches the view: the agent must have said hello with a
 //! known site of the right role, sequence numbers must grow strictly per agent (a replayed or
@@ -55,15 +55,27 @@ impl AgentViews {
 pub struct AgentService {
     node: Arc<Node>,
     views: Arc<AgentViews>,
+    observations: tokio::sync::mpsc::Sender<failover_policy::Observation>,
 }
 
 impl AgentService {
-    pub fn new(node: Arc<Node>) -> AgentService {
+    pub fn new(
+        node: Arc<Node>,
+        observations: tokio::sync::mpsc::Sender<failover_policy::Observation>,
+    ) -> AgentService {
         AgentService {
             node,
             views: Arc::new(AgentViews::default()),
+            observations,
         }
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Why a report is refused (also the metric's `result` label).
@@ -199,6 +211,7 @@ impl pb::agent_session_server::AgentSession for AgentService {
         tracing::info!(agent = %hello.agent_id, site = %hello.site, last_seq = hello.last_seq, "agent session accepted");
         let node = self.node.clone();
         let views = self.views.clone();
+        let observations = self.observations.clone();
         node.metrics.agent_sessions.inc();
         tokio::spawn(async move {
             let agent = hello.agent_id;
@@ -233,6 +246,12 @@ impl pb::agent_session_server::AgentSession for AgentService {
                     Ok(()) => {
                         count("accepted");
                         views.accept(&agent, report.seq);
+                        let observation =
+                            crate::policy_loop::observation(&hello.site, &report, now_ms());
+                        if observations.try_send(observation).is_err() {
+                            // The loop is behind; the next report supersedes this one.
+                            count("dropped");
+                        }
                     }
                     Err((result, why)) => {
                         count(result);

@@ -57,9 +57,15 @@ pub fn router(node: Arc<Node>) -> Result<Router, InvokerError> {
     let routing = pb::routing_watch_server::RoutingWatchServer::new(routing::RoutingService::new(
         node.clone(),
     ));
-    let agent =
-        pb::agent_session_server::AgentSessionServer::new(agent::AgentService::new(node.clone()))
-            .max_decoding_message_size(agent::MAX_AGENT_MESSAGE_BYTES);
+    let agent = {
+        let (observations, inbox) = tokio::sync::mpsc::channel(crate::policy_loop::INBOX);
+        tokio::spawn(crate::policy_loop::run(node.clone(), inbox));
+        pb::agent_session_server::AgentSessionServer::new(agent::AgentService::new(
+            node.clone(),
+            observations,
+        ))
+    }
+    .max_decoding_message_size(agent::MAX_AGENT_MESSAGE_BYTES);
 
     Ok(Server::builder()
         .tcp_nodelay(true)
