@@ -399,28 +399,13 @@ async fn e2e_policy_shifts_gift_api_away_from_a_failed_instance() -> Result<()> 
     let dir = tempfile::Builder::new()
         .prefix("e2e-policy-")
         .tempdir_in("/tmp")?;
-    let mut lab = Lab::start(LabOptions::new(dir.path().join("lab"))).await?;
+    // The lab's own agents (a, b, witness) report to the leader, which runs the policy.
+    let mut options = LabOptions::new(dir.path().join("lab"));
+    options.agents = true;
+    let mut lab = Lab::start(options).await?;
     let endpoints = lab.invoker_endpoints();
-    let mut agents = Vec::new();
-    for site in ["a", "b", "witness"] {
-        let config = write_config(dir.path(), &lab, site)?;
-        let text = std::fs::read_to_string(&config)?.replace(
-            "probe_timeout_ms = 1000\nprobe_interval_ms = 1000\n",
-            "probe_timeout_ms = 200\nprobe_interval_ms = 250\n",
-        );
-        std::fs::write(
-            &config,
-            format!("invoker_endpoints = {endpoints:?}\n{text}"),
-        )?;
-        let log = std::fs::File::create(dir.path().join(format!("agent-{site}.log")))?;
-        agents.push(
-            Command::new(env!("CARGO_BIN_EXE_site-agent"))
-                .arg("--config")
-                .arg(&config)
-                .stderr(log.try_clone()?)
-                .stdout(log)
-                .spawn()?,
-        );
+    for agent in ["agent-a", "agent-b", "agent-witness"] {
+        assert!(lab.is_running(agent), "{agent} runs");
     }
 
     phase("all healthy for 4 s: the policy shifts nothing");
@@ -472,10 +457,6 @@ async fn e2e_policy_shifts_gift_api_away_from_a_failed_instance() -> Result<()> 
         .filter(|e| e.actor == "policy" && e.reason.contains("policy: shift_buckets"))
         .count();
     assert_eq!(shifts, 1, "exactly one automatic shift");
-    for mut agent in agents {
-        let _ = agent.kill();
-        let _ = agent.wait();
-    }
     lab.down().await?;
     Ok(())
 }

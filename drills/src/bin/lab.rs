@@ -51,6 +51,9 @@ enum Command {
         /// Do not apply the lab topology.
         #[arg(long)]
         no_topology: bool,
+        /// Do not start the site agents (so the invoker runs no automatic failover).
+        #[arg(long)]
+        no_agents: bool,
         /// Seconds to wait for the lab to become healthy.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
@@ -92,6 +95,7 @@ async fn main() -> Result<()> {
             detach,
             invokers_only,
             no_topology,
+            no_agents,
             timeout,
         } => {
             let mut opts = LabOptions::new(dir.dir);
@@ -99,6 +103,7 @@ async fn main() -> Result<()> {
                 opts.components = Components::InvokersOnly;
             }
             opts.apply_topology = !no_topology;
+            opts.agents = !no_agents;
             opts.health_timeout = Duration::from_secs(timeout.max(1));
             up(opts, detach).await
         }

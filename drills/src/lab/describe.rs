@@ -33,6 +33,7 @@ pub enum ProcessKind {
     Postgres,
     Wallet,
     GiftApi,
+    Agent,
 }
 
 impl std::fmt::Display for ProcessKind {
@@ -43,6 +44,7 @@ impl std::fmt::Display for ProcessKind {
             ProcessKind::Postgres => "postgres",
             ProcessKind::Wallet => "wallet",
             ProcessKind::GiftApi => "gift-api",
+            ProcessKind::Agent => "agent",
         })
     }
 }
@@ -55,6 +57,8 @@ impl ProcessKind {
             ProcessKind::Etcd => "client",
             ProcessKind::Postgres => "sql",
             ProcessKind::GiftApi => "http",
+            // Agents listen on nothing.
+            ProcessKind::Agent => "none",
         }
     }
 }

@@ -15,12 +15,14 @@
 //! | `wallet-b`   | b       | 127.0.2.4 (writes to the primary) |
 //! | `gift-api-a` | a       | 127.0.1.5 (HTTP; orders on the primary) |
 //! | `gift-api-b` | b       | 127.0.2.5 (HTTP; reads from the replica) |
+//! | `agent-a`, `agent-b`, `agent-witness` | a, b, witness | none (they report to the invoker leader) |
 //!
 //! Each child leads its own process group, logs to `DIR/logs/<name>.log`, and is recorded in
 //! `DIR/pids/<name>.pid` the moment it is spawned and in `DIR/lab.json`, so that [`down_dir`]
 //! (`lab down`) can stop everything even after the lab process itself crashed. A pid is only
 //! ever signalled if its start time still matches the recorded one.
 
+mod agents;
 mod describe;
 mod error;
 mod etcd;
@@ -86,6 +88,10 @@ pub struct LabOptions {
     pub invoker_env: Vec<(String, String)>,
     /// Extra environment variables of both gift-api instances (`GIFT_API_EFFECT_URL`, ...).
     pub gift_api_env: Vec<(String, String)>,
+    /// Start the site agents (a, b, witness) of a full lab; the invoker leader then runs the
+    /// failover policy on their reports. `lab up` does; tests that bring their own agents,
+    /// or want no automatic shifts, leave it off.
+    pub agents: bool,
     /// Apply [`lab_topology`] through the admin API once the invokers have a leader.
     pub apply_topology: bool,
     /// How long [`Lab::start`] (and [`Lab::restart`]) wait for health.
@@ -101,6 +107,7 @@ impl LabOptions {
             raft: RaftOverrides::default(),
             invoker_env: Vec::new(),
             gift_api_env: Vec::new(),
+            agents: false,
             apply_topology: true,
             health_timeout: Duration::from_secs(60),
         }
@@ -634,6 +641,49 @@ impl Lab {
             );
         }
 
+        if full && opts.agents {
+            let agent_bin = find_bin("site-agent")?;
+            let sites: Vec<agents::SiteRef> = [&plan.primary, &plan.replica]
+                .iter()
+                .map(|p| agents::SiteRef {
+                    site: p.site.clone(),
+                    etcd: plan
+                        .etcds
+                        .iter()
+                        .find(|e| e.site == p.site)
+                        .map(|e| e.client_url())
+                        .unwrap_or_default(),
+                    database_url: p.url(),
+                })
+                .collect();
+            let invoker_metrics: Vec<String> =
+                plan.invokers.iter().map(|n| n.metrics.clone()).collect();
+            for site in ["a", "b", "witness"] {
+                let agent = agents::AgentPlan {
+                    site: site.to_string(),
+                };
+                let (spec, info) = agent.spec(&dir, &agent_bin, &endpoints, &sites)?;
+                lock(&reg).spawn(spec, info)?;
+            }
+            let checks = ["a", "b", "witness"].map(|site| {
+                let what = format!("agent-{site} to report to the invoker leader");
+                let reg = &reg;
+                let invoker_metrics = &invoker_metrics;
+                async move {
+                    let check = || lock(reg).check_exited(None);
+                    poll_until(check, started, deadline, &what, || {
+                        agents::reported(site, invoker_metrics)
+                    })
+                    .await
+                }
+            });
+            futures::future::try_join_all(checks).await?;
+            tracing::info!(
+                elapsed_ms = ms(started),
+                "lab: agents report in a, b and the witness"
+            );
+        }
+
         let mut reg = reg.into_inner().unwrap_or_else(PoisonError::into_inner);
         reg.desc.healthy_after_ms = Some(ms(started));
         reg.desc.save()?;
@@ -754,6 +804,8 @@ impl Lab {
             async move {
                 match (kind, pg) {
                     (ProcessKind::GiftApi, _) => services::http_ready(&addr).await,
+                    // An agent serves nothing; running is all there is to check.
+                    (ProcessKind::Agent, _) => Ok(()),
                     (ProcessKind::Invoker | ProcessKind::Wallet, _) => {
                         tokio::net::TcpStream::connect(&addr)
                             .await

@@ -185,9 +185,11 @@ pub(crate) fn pid_of(pid: u32) -> Pid {
 pub(crate) fn graceful_signal(kind: ProcessKind) -> Signal {
     match kind {
         ProcessKind::Postgres => Signal::SIGINT,
-        ProcessKind::Invoker | ProcessKind::Etcd | ProcessKind::Wallet | ProcessKind::GiftApi => {
-            Signal::SIGTERM
-        }
+        ProcessKind::Invoker
+        | ProcessKind::Etcd
+        | ProcessKind::Wallet
+        | ProcessKind::GiftApi
+        | ProcessKind::Agent => Signal::SIGTERM,
     }
 }
 

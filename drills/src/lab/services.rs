@@ -180,27 +180,32 @@ impl ServicePlan {
     }
 }
 
-/// `GET /readyz` answers 200 (a bare HTTP/1.0 exchange: the lab needs no HTTP client).
-pub(crate) async fn http_ready(addr: &str) -> Result<(), String> {
+/// A bare HTTP/1.0 GET (the lab needs no HTTP client): the whole response, or why not.
+pub(crate) async fn http_get(addr: &str, path: &str) -> Result<String, String> {
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("{addr}: {e}"))?;
     stream
-        .write_all(format!("GET /readyz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .await
         .map_err(|e| format!("{addr}: {e}"))?;
-    let mut head = vec![0u8; 64];
-    let n = stream
-        .read(&mut head)
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
         .await
         .map_err(|e| format!("{addr}: {e}"))?;
-    let head = String::from_utf8_lossy(&head[..n]);
-    if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") {
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+/// `GET /readyz` answers 200.
+pub(crate) async fn http_ready(addr: &str) -> Result<(), String> {
+    let response = http_get(addr, "/readyz").await?;
+    if response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200") {
         Ok(())
     } else {
         Err(format!(
             "{addr}/readyz: {}",
-            head.lines().next().unwrap_or("no answer")
+            response.lines().next().unwrap_or("no answer")
         ))
     }
 }

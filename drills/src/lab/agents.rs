@@ -1,0 +1,102 @@
+//! The site agents: one in site a, one in site b, one at the witness, each reporting to the
+//! invoker leader. Site agents probe their own site's instances and database closely and the
+//! other site from outside; the witness probes both sites (and both databases) from outside.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::describe::{ProcessInfo, ProcessKind, LOGS_DIR};
+use super::proc::SpawnSpec;
+use super::LabError;
+
+/// One site as an agent's configuration names it.
+#[derive(Debug, Clone)]
+pub(crate) struct SiteRef {
+    pub site: String,
+    pub etcd: String,
+    pub database_url: String,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct AgentPlan {
+    /// `a`, `b` or `witness`.
+    pub site: String,
+}
+
+impl AgentPlan {
+    pub fn name(&self) -> String {
+        format!("agent-{}", self.site)
+    }
+
+    fn config(&self, invokers: &[String], sites: &[SiteRef]) -> String {
+        let role = if self.site == "witness" {
+            "witness"
+        } else {
+            "site"
+        };
+        let mut text = format!(
+            "site = {site:?}\nrole = {role:?}\ninvoker_endpoints = {invokers:?}\n",
+            site = self.site
+        );
+        for s in sites {
+            text.push_str(&format!(
+                "[[sites]]\nsite = {:?}\netcd_endpoints = [{:?}]\n",
+                s.site, s.etcd
+            ));
+            // A site agent reads its own database; the witness reads both.
+            if role == "witness" || s.site == self.site {
+                text.push_str(&format!("database_url = {:?}\n", s.database_url));
+            }
+        }
+        text
+    }
+
+    /// Writes `DIR/agent-<site>/site-agent.toml`; returns the spawn spec and the description.
+    pub fn spec(
+        &self,
+        dir: &Path,
+        bin: &Path,
+        invokers: &[String],
+        sites: &[SiteRef],
+    ) -> Result<(SpawnSpec, ProcessInfo), LabError> {
+        let name = self.name();
+        let home = dir.join(&name);
+        std::fs::create_dir_all(&home)
+            .map_err(|e| LabError::io(format!("creating {}", home.display()), e))?;
+        let config_path = home.join("site-agent.toml");
+        std::fs::write(&config_path, self.config(invokers, sites))
+            .map_err(|e| LabError::io(format!("writing {}", config_path.display()), e))?;
+        let spec = SpawnSpec {
+            name: name.clone(),
+            program: bin.to_path_buf(),
+            args: vec!["--config".into(), config_path.display().to_string()],
+            env: BTreeMap::new(),
+            run_as: None,
+            cwd: dir.to_path_buf(),
+            log: dir.join(LOGS_DIR).join(format!("{name}.log")),
+            lab_dir: dir.to_path_buf(),
+        };
+        let info = ProcessInfo {
+            config: Some(config_path),
+            ..ProcessInfo::planned(&spec, ProcessKind::Agent, &self.site, BTreeMap::new(), home)
+        };
+        Ok((spec, info))
+    }
+}
+
+/// Healthy: some invoker node has accepted a report from this agent's site (the agents
+/// listen on nothing; the leader's metrics are where their reports show).
+pub(crate) async fn reported(site: &str, invoker_metrics: &[String]) -> Result<(), String> {
+    let needle = format!("invoker_agent_reports_total{{site=\"{site}\",result=\"accepted\"}} ");
+    for addr in invoker_metrics {
+        let Ok(text) = super::services::http_get(addr, "/metrics").await else {
+            continue;
+        };
+        if text.lines().any(|l| l.starts_with(&needle)) {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "no invoker has accepted a report from site {site} yet"
+    ))
+}
