@@ -50,6 +50,11 @@ pub struct AgentConfig {
     /// etcd cannot be read).
     #[serde(default = "default_discovery_interval_ms")]
     pub discovery_interval_ms: u64,
+    /// The source address of probes (the agent's address in its site's range), so that a
+    /// partition between the sites' address ranges cuts the agent's probes too. Default: the
+    /// system's choice.
+    #[serde(default)]
+    pub bind_ip: Option<std::net::IpAddr>,
 }
 
 fn default_probe_interval_ms() -> u64 {

@@ -129,6 +129,7 @@ impl Prober {
     pub fn new(config: AgentConfig) -> Result<Prober, AgentError> {
         let timeout = Duration::from_millis(config.probe_timeout_ms);
         let http = reqwest::Client::builder()
+            .local_address(config.bind_ip)
             .timeout(timeout)
             .connect_timeout(timeout)
             .tcp_nodelay(true)
@@ -196,6 +197,7 @@ impl Prober {
             .ok()?
             .connect_timeout(timeout)
             .timeout(timeout)
+            .local_address(self.config.bind_ip)
             .connect_lazy();
         let client = HealthClient::new(channel);
         self.grpc.insert(address.to_string(), client.clone());

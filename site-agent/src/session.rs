@@ -139,6 +139,7 @@ async fn session(
     let channel = match Endpoint::from_shared(url) {
         Ok(e) => match e
             .connect_timeout(Duration::from_millis(500))
+            .local_address(config.bind_ip)
             .tcp_nodelay(true)
             .connect()
             .await

@@ -20,9 +20,15 @@ fn phase(name: &str) {
 fn write_config(dir: &Path, lab: &Lab, site: &str) -> Result<std::path::PathBuf> {
     let e = &lab.describe().endpoints;
     let role = if site == "witness" { "witness" } else { "site" };
-    let mut text = format!(
+    let host = match site {
+        "a" => 1,
+        "b" => 2,
+        _ => 3,
+    };
+    let mut text = format!("bind_ip = \"127.0.{host}.7\"\n");
+    text.push_str(&format!(
         "site = {site:?}\nrole = {role:?}\nprobe_timeout_ms = 1000\nprobe_interval_ms = 1000\n"
-    );
+    ));
     for s in ["a", "b"] {
         text.push_str(&format!(
             "[[sites]]\nsite = {s:?}\netcd_endpoints = [{:?}]\n",
@@ -457,6 +463,91 @@ async fn e2e_policy_shifts_gift_api_away_from_a_failed_instance() -> Result<()> 
         .filter(|e| e.actor == "policy" && e.reason.contains("policy: shift_buckets"))
         .count();
     assert_eq!(shifts, 1, "exactly one automatic shift");
+    lab.down().await?;
+    Ok(())
+}
+
+/// Drops traffic between sites a and b (both directions) in an nft table of its own; the
+/// table is deleted on drop so that a failing test never leaves the partition behind.
+struct Partition {
+    table: String,
+}
+
+impl Partition {
+    fn between_a_and_b() -> Result<Partition> {
+        let table = format!("e2e_partition_{}", std::process::id());
+        let script = format!(
+            "add table inet {table}\n\
+             add chain inet {table} out {{ type filter hook output priority 0; }}\n\
+             add rule inet {table} out ip saddr 127.0.1.0/24 ip daddr 127.0.2.0/24 drop\n\
+             add rule inet {table} out ip saddr 127.0.2.0/24 ip daddr 127.0.1.0/24 drop\n"
+        );
+        let path = std::env::temp_dir().join(format!("{table}.nft"));
+        std::fs::write(&path, script)?;
+        let status = Command::new("nft").arg("-f").arg(&path).status()?;
+        anyhow::ensure!(status.success(), "nft -f {} failed", path.display());
+        Ok(Partition { table })
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_policy_does_not_shift_on_an_inter_site_partition() -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        // nft needs root; CI runs as root, so this only skips on a developer's machine.
+        eprintln!("SKIPPED: partitions need root (nft)");
+        return Ok(());
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-partition-")
+        .tempdir_in("/tmp")?;
+    let mut options = LabOptions::new(dir.path().join("lab"));
+    options.agents = true;
+    let lab = Lab::start(options).await?;
+    let before = gift_api_routing(&lab).await?;
+
+    phase("a and b cannot reach each other; the witness reaches both: 8 s, no shift");
+    let partition = Partition::between_a_and_b()?;
+    // The partition is real: a's agent reports b unreachable.
+    let config_a = write_config(dir.path(), &lab, "a")?;
+    let a = once(&config_a)?;
+    assert_eq!(
+        find(&a["peers"], "target", "gift-api/gift-api-b")["reachable"],
+        false,
+        "the partition does not hold: {a}"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    assert_eq!(gift_api_routing(&lab).await?, before);
+    let client = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints()).await?;
+    let audit = client
+        .admin()
+        .list_audit(invoker_api::pb::ListAuditRequest {
+            limit: 50,
+            before_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let shifts: Vec<_> = audit
+        .entries
+        .iter()
+        .filter(|e| e.actor == "policy" && e.action.contains("routing"))
+        .collect();
+    assert!(
+        shifts.is_empty(),
+        "the policy shifted on a partition: {shifts:?}"
+    );
+    drop(partition);
+
+    phase("healed: still no shift");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(gift_api_routing(&lab).await?, before);
     lab.down().await?;
     Ok(())
 }

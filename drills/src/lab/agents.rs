@@ -34,8 +34,11 @@ impl AgentPlan {
         } else {
             "site"
         };
+        // Probes leave from the agent's own address in its site's range (host 6), so that a
+        // partition between the ranges cuts them like the site's other traffic.
+        let bind_ip = super::site_ip(&self.site, 6);
         let mut text = format!(
-            "site = {site:?}\nrole = {role:?}\ninvoker_endpoints = {invokers:?}\n",
+            "site = {site:?}\nrole = {role:?}\ninvoker_endpoints = {invokers:?}\nbind_ip = \"{bind_ip}\"\n",
             site = self.site
         );
         for s in sites {
