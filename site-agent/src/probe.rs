@@ -16,6 +16,9 @@ use crate::config::AgentConfig;
 use crate::discovery::{discover, Instance};
 use crate::AgentError;
 
+/// How long an instance that left its registry is still probed (and reported failing).
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+
 /// The service a site's database backs (its ledger is what the probe reads).
 pub const DATABASE_SERVICE: &str = "wallet";
 
@@ -108,6 +111,10 @@ pub struct Prober {
     grpc: BTreeMap<String, HealthClient<Channel>>,
     databases: BTreeMap<String, PgPool>,
     known: BTreeMap<String, BTreeMap<(String, String), Instance>>,
+    /// Instances that left their registry (a dead process's lease ran out) and when: they are
+    /// still probed, and fail, until `FORGET_AFTER`, so that a site whose instances all died
+    /// reads as a failing service rather than as one with nothing to report.
+    vanished: BTreeMap<(String, String, String), Instant>,
     last_discovery: Option<Instant>,
     failures: BTreeMap<(String, String, String), u32>,
     seq: u64,
@@ -154,6 +161,7 @@ impl Prober {
             grpc: BTreeMap::new(),
             databases,
             known: BTreeMap::new(),
+            vanished: BTreeMap::new(),
             last_discovery: None,
             failures: BTreeMap::new(),
             // Sequence numbers must keep growing across restarts of the agent (the leader
@@ -179,7 +187,21 @@ impl Prober {
         });
         for (site, found) in futures::future::join_all(lookups).await {
             match found {
-                Ok(Ok(instances)) => {
+                Ok(Ok(mut instances)) => {
+                    let previous = self.known.remove(&site).unwrap_or_default();
+                    for (key, instance) in previous {
+                        let id = (site.clone(), key.0.clone(), key.1.clone());
+                        if instances.contains_key(&key) {
+                            self.vanished.remove(&id);
+                            continue;
+                        }
+                        let since = *self.vanished.entry(id.clone()).or_insert_with(Instant::now);
+                        if since.elapsed() < FORGET_AFTER {
+                            instances.insert(key, instance);
+                        } else {
+                            self.vanished.remove(&id);
+                        }
+                    }
                     self.known.insert(site, instances);
                 }
                 Ok(Err(e)) => errors.push(format!("{site}: {e}")),

@@ -551,3 +551,88 @@ async fn e2e_policy_does_not_shift_on_an_inter_site_partition() -> Result<()> {
     lab.down().await?;
     Ok(())
 }
+
+async fn policy_shifts(lab: &Lab) -> Result<Vec<invoker_api::pb::AuditEntry>> {
+    let client = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints()).await?;
+    let audit = client
+        .admin()
+        .list_audit(invoker_api::pb::ListAuditRequest {
+            limit: 200,
+            before_seq: 0,
+        })
+        .await?
+        .into_inner();
+    Ok(audit
+        .entries
+        .into_iter()
+        .filter(|e| e.actor == "policy" && e.action.contains("routing"))
+        .collect())
+}
+
+async fn wait_all_on_b(lab: &Lab, within: std::time::Duration) -> Result<std::time::Duration> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(runs) = gift_api_routing(lab).await {
+            if runs == vec![("b".to_string(), 1024)] {
+                return Ok(started.elapsed());
+            }
+        }
+        anyhow::ensure!(started.elapsed() < within, "gift-api never moved to b");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_policy_leader_killed_mid_shift_shifts_exactly_once() -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-midshift-")
+        .tempdir_in("/tmp")?;
+    let mut options = LabOptions::new(dir.path().join("lab"));
+    options.agents = true;
+    let mut lab = Lab::start(options).await?;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+
+    phase("gift-api-a SIGKILLed, and the invoker leader 300 ms later, before the trip");
+    let (_, leader) = lab
+        .invoker_leader(std::time::Duration::from_secs(10))
+        .await?;
+    lab.kill("gift-api-a")?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    lab.kill(&leader)?;
+    let took = wait_all_on_b(&lab, std::time::Duration::from_secs(20)).await?;
+    eprintln!("all buckets on b {took:?} after the leader kill");
+
+    phase("exactly one automatic shift, committed by the new leader");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let shifts = policy_shifts(&lab).await?;
+    assert_eq!(shifts.len(), 1, "{shifts:?}");
+    lab.down().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_policy_flapping_instance_shifts_at_most_once_per_hold_down() -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-flap-")
+        .tempdir_in("/tmp")?;
+    let mut options = LabOptions::new(dir.path().join("lab"));
+    options.agents = true;
+    let lab = Lab::start(options).await?;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+
+    phase("gift-api-a frozen and thawed every 2 s for 16 s (SIGSTOP / SIGCONT)");
+    for _ in 0..4 {
+        lab.pause("gift-api-a")?;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        lab.resume("gift-api-a")?;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+    let shifts = policy_shifts(&lab).await?;
+    eprintln!("{} automatic shift(s) while flapping", shifts.len());
+    assert!(
+        shifts.len() <= 1,
+        "more than one shift within the 30 s hold-down: {shifts:?}"
+    );
+    lab.down().await?;
+    Ok(())
+}
