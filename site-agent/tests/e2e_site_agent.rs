@@ -357,6 +357,35 @@ async fn e2e_site_agent_session_follows_the_leader_and_bad_reports_are_refused()
     assert_eq!(reports(&lab, &new_leader, "b", "stale_seq").await?, 2);
     assert_eq!(reports(&lab, &new_leader, "b", "invalid").await?, 1);
 
+    phase("an oversized report (2 MiB) ends the session and counts nothing");
+    let accepted_before = reports(&lab, &new_leader, "b", "accepted").await?;
+    let mut huge = report(8, "b");
+    if let Some(pb::agent_message::Body::Report(r)) = huge.body.as_mut() {
+        r.instances[0].error = "x".repeat(2 * 1024 * 1024);
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut client = pb::agent_session_client::AgentSessionClient::new(channel)
+        .max_encoding_message_size(4 * 1024 * 1024);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(hello("agent-test-b3", "b", pb::AgentRole::Site))
+        .await?;
+    tx.send(huge).await?;
+    let mut inbound = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let _accepted = inbound.message().await?;
+    // The leader drops the session on the oversized frame: the stream ends or errors.
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), inbound.message()).await?;
+    assert!(!matches!(end, Ok(Some(_))), "the session went on: {end:?}");
+    drop(tx);
+    assert_eq!(
+        reports(&lab, &new_leader, "b", "accepted").await?,
+        accepted_before
+    );
+
     phase("a follower sends the agent to the leader");
     let follower = ["invoker-1", "invoker-2", "invoker-3"]
         .into_iter()
