@@ -191,17 +191,8 @@ impl ApiConfig {
                 "abandon_after_secs must be at least 5 (above any request's deadline)".into(),
             );
         }
-        if !(1..=300).contains(&self.registration_ttl_secs) {
-            return bad(format!(
-                "registration_ttl_secs {} is out of range (1..=300)",
-                self.registration_ttl_secs
-            ));
-        }
-        if let Some(instance) = &self.instance {
-            if instance.is_empty() || instance.contains('/') || instance.len() > 64 {
-                return bad("instance must be 1-64 characters without '/'".into());
-            }
-        }
+        crate::registry::validate_settings(self.instance.as_deref(), self.registration_ttl_secs)
+            .map_err(GiftError::Config)?;
         Ok(())
     }
 }
@@ -672,11 +663,6 @@ fn wallet_failure(call: WalletCall) -> Response {
             StatusCode::GATEWAY_TIMEOUT,
             "outcome_unknown",
             format!("wallet outcome unknown ({m}); retry with the same idempotency key"),
-        ),
-        WalletCall::Rejected { code, reason } if code == "stale_epoch" => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "payments_unavailable",
-            format!("payments temporarily unavailable: {reason}"),
         ),
         WalletCall::Rejected { code, reason } => {
             error(StatusCode::UNPROCESSABLE_ENTITY, &code, reason)

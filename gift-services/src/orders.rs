@@ -242,24 +242,21 @@ impl OrderStore {
         if order_id.is_empty() || order_id.len() > MAX_KEY_LEN {
             return Ok(None);
         }
-        let sql = format!(
-            "SELECT {ORDER_COLUMNS} FROM {}.gift_orders WHERE order_id = $1",
-            self.schema()
-        );
-        let row = sqlx::query(&sql)
-            .bind(order_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(Order::from_row))
+        self.find("order_id", order_id).await
     }
 
     pub async fn by_key(&self, key: &str) -> Result<Option<Order>, GiftError> {
+        self.find("idempotency_key", key).await
+    }
+
+    /// The order whose unique `column` (a fixed name, never input) equals `value`.
+    async fn find(&self, column: &'static str, value: &str) -> Result<Option<Order>, GiftError> {
         let sql = format!(
-            "SELECT {ORDER_COLUMNS} FROM {}.gift_orders WHERE idempotency_key = $1",
+            "SELECT {ORDER_COLUMNS} FROM {}.gift_orders WHERE {column} = $1",
             self.schema()
         );
         let row = sqlx::query(&sql)
-            .bind(key)
+            .bind(value)
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.as_ref().map(Order::from_row))

@@ -209,8 +209,11 @@ impl Worker {
             .filter(|(_, d)| d.is_ok())
             .map(|(o, _)| o.order_id.clone())
             .collect();
-        let (done, rest): (Vec<&Claimed>, Vec<&Claimed>) =
-            events.iter().partition(|e| delivered.contains(&e.order_id));
+        let delivered_set: std::collections::BTreeSet<&str> =
+            delivered.iter().map(String::as_str).collect();
+        let (done, rest): (Vec<&Claimed>, Vec<&Claimed>) = events
+            .iter()
+            .partition(|e| delivered_set.contains(e.order_id.as_str()));
         let mut results = Vec::new();
         let done_ids: Vec<i64> = done.iter().map(|e| e.id).collect();
         match self.saga.orders.deliver_batch(&delivered, &done_ids).await {

@@ -22,6 +22,21 @@ pub struct Registration {
     pub ttl_secs: i64,
 }
 
+/// Checks the registration settings every service's configuration shares.
+pub fn validate_settings(instance: Option<&str>, ttl_secs: i64) -> Result<(), String> {
+    if !(1..=300).contains(&ttl_secs) {
+        return Err(format!(
+            "registration_ttl_secs {ttl_secs} is out of range (1..=300)"
+        ));
+    }
+    if let Some(instance) = instance {
+        if instance.is_empty() || instance.contains('/') || instance.len() > 64 {
+            return Err("instance must be 1-64 characters without '/'".into());
+        }
+    }
+    Ok(())
+}
+
 impl Registration {
     pub fn key_for(service: &str, site: &str, instance: &str) -> String {
         format!("/services/{service}/{site}/{instance}")

@@ -169,14 +169,6 @@ impl Saga {
                     duplicate: duplicate || !fresh,
                 })
             }
-            WalletCall::Rejected { code, reason } if code == "stale_epoch" => {
-                // The wallet is not the current writer (a failover is under way): not the
-                // user's fault, and nothing was charged. The order stays open for a retry.
-                Ok(SendOutcome::PaymentsUnavailable {
-                    order,
-                    message: format!("payments temporarily unavailable: {reason}"),
-                })
-            }
             WalletCall::Rejected { code, reason } => {
                 let stored = format!("{code}: {reason}");
                 self.orders
@@ -189,6 +181,8 @@ impl Saga {
                     message: reason,
                 })
             }
+            // No wallet reached, or none holds the current epoch (a failover is under way):
+            // nothing was charged and the order stays open for a retry.
             WalletCall::Unavailable(m) => Ok(SendOutcome::PaymentsUnavailable {
                 order,
                 message: format!("payments unavailable, nobody was charged: {m}"),

@@ -25,7 +25,8 @@ pub enum WalletCall {
         balance: Amount,
         duplicate: bool,
     },
-    /// Refused; nothing was written. `code` is the wallet's reason code.
+    /// Refused for a business reason; nothing was written. `code` is the wallet's reason
+    /// code (never `stale_epoch`: that is [`WalletCall::Unavailable`]).
     Rejected { code: String, reason: String },
     /// No wallet instance could be reached: nothing was written.
     Unavailable(String),
@@ -60,6 +61,11 @@ fn from_result(r: pb::WalletResult) -> WalletCall {
             balance: r.balance,
             duplicate: r.duplicate,
         }
+    } else if r.reason_code == "stale_epoch" {
+        // This wallet is not the current writer (a failover is under way): nothing was
+        // written and it is not the caller's fault, so it is the same as not reaching it, and
+        // the next instance may already hold the new epoch.
+        WalletCall::Unavailable(format!("payments temporarily unavailable: {}", r.reason))
     } else {
         WalletCall::Rejected {
             code: r.reason_code,
@@ -107,13 +113,14 @@ impl WalletClient {
         let mut unknown = None;
         let mut unavailable = Vec::new();
         for (url, client) in &self.instances {
-            match call(client.clone()).await {
-                Ok(reply) => return from_result(reply.into_inner()),
-                Err(status) => match classify(&status) {
-                    WalletCall::Unavailable(m) => unavailable.push(format!("{url}: {m}")),
-                    WalletCall::Unknown(m) => unknown = Some(format!("{url}: {m}")),
-                    other => return other,
-                },
+            let answer = match call(client.clone()).await {
+                Ok(reply) => from_result(reply.into_inner()),
+                Err(status) => classify(&status),
+            };
+            match answer {
+                WalletCall::Unavailable(m) => unavailable.push(format!("{url}: {m}")),
+                WalletCall::Unknown(m) => unknown = Some(format!("{url}: {m}")),
+                other => return other,
             }
         }
         match unknown {

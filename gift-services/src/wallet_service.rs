@@ -96,17 +96,8 @@ impl WalletConfig {
         if self.statement_timeout_ms == 0 {
             return bad("statement_timeout_ms must be above 0".into());
         }
-        if !(1..=300).contains(&self.registration_ttl_secs) {
-            return bad(format!(
-                "registration_ttl_secs {} is out of range (1..=300)",
-                self.registration_ttl_secs
-            ));
-        }
-        if let Some(instance) = &self.instance {
-            if instance.is_empty() || instance.contains('/') || instance.len() > 64 {
-                return bad("instance must be 1-64 characters without '/'".into());
-            }
-        }
+        crate::registry::validate_settings(self.instance.as_deref(), self.registration_ttl_secs)
+            .map_err(GiftError::Config)?;
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::describe::{ProcessInfo, ProcessKind, LOGS_DIR};
+use super::describe::{ProcessInfo, ProcessKind};
 use super::proc::SpawnSpec;
 use super::LabError;
 
@@ -62,23 +62,13 @@ impl AgentPlan {
         invokers: &[String],
         sites: &[SiteRef],
     ) -> Result<(SpawnSpec, ProcessInfo), LabError> {
-        let name = self.name();
-        let home = dir.join(&name);
-        std::fs::create_dir_all(&home)
-            .map_err(|e| LabError::io(format!("creating {}", home.display()), e))?;
-        let config_path = home.join("site-agent.toml");
-        std::fs::write(&config_path, self.config(invokers, sites))
-            .map_err(|e| LabError::io(format!("writing {}", config_path.display()), e))?;
-        let spec = SpawnSpec {
-            name: name.clone(),
-            program: bin.to_path_buf(),
-            args: vec!["--config".into(), config_path.display().to_string()],
-            env: BTreeMap::new(),
-            run_as: None,
-            cwd: dir.to_path_buf(),
-            log: dir.join(LOGS_DIR).join(format!("{name}.log")),
-            lab_dir: dir.to_path_buf(),
-        };
+        let (spec, config_path, home) = super::services::configured_child(
+            dir,
+            bin,
+            &self.name(),
+            "site-agent.toml",
+            &self.config(invokers, sites),
+        )?;
         let info = ProcessInfo {
             config: Some(config_path),
             ..ProcessInfo::planned(&spec, ProcessKind::Agent, &self.site, BTreeMap::new(), home)

@@ -122,24 +122,13 @@ impl ServicePlan {
         bin: &Path,
         deps: &SiteDeps,
     ) -> Result<(SpawnSpec, ProcessInfo), LabError> {
-        let name = self.name();
-        let home = dir.join(&name);
-        std::fs::create_dir_all(&home)
-            .map_err(|e| LabError::io(format!("creating {}", home.display()), e))?;
-        let config_path = home.join(format!("{}.toml", self.service()));
-        std::fs::write(&config_path, self.config(deps))
-            .map_err(|e| LabError::io(format!("writing {}", config_path.display()), e))?;
-        let log = dir.join(LOGS_DIR).join(format!("{name}.log"));
-        let spec = SpawnSpec {
-            name: name.clone(),
-            program: bin.to_path_buf(),
-            args: vec!["--config".into(), config_path.display().to_string()],
-            env: BTreeMap::new(),
-            run_as: None,
-            cwd: dir.to_path_buf(),
-            log,
-            lab_dir: dir.to_path_buf(),
-        };
+        let (spec, config_path, home) = configured_child(
+            dir,
+            bin,
+            &self.name(),
+            &format!("{}.toml", self.service()),
+            &self.config(deps),
+        )?;
         let mut listen =
             BTreeMap::from([(self.kind.main_addr_key().to_string(), self.addr.clone())]);
         if let Some(metrics) = &self.metrics {
@@ -178,6 +167,35 @@ impl ServicePlan {
         }
         Ok(())
     }
+}
+
+/// A lab child configured by one TOML file: writes `DIR/<name>/<file_name>` and returns the
+/// spawn spec (`<bin> --config <file>`, logging to `DIR/logs/<name>.log`), the config's path
+/// and the child's home directory.
+pub(crate) fn configured_child(
+    dir: &Path,
+    bin: &Path,
+    name: &str,
+    file_name: &str,
+    config: &str,
+) -> Result<(SpawnSpec, std::path::PathBuf, std::path::PathBuf), LabError> {
+    let home = dir.join(name);
+    std::fs::create_dir_all(&home)
+        .map_err(|e| LabError::io(format!("creating {}", home.display()), e))?;
+    let config_path = home.join(file_name);
+    std::fs::write(&config_path, config)
+        .map_err(|e| LabError::io(format!("writing {}", config_path.display()), e))?;
+    let spec = SpawnSpec {
+        name: name.to_string(),
+        program: bin.to_path_buf(),
+        args: vec!["--config".into(), config_path.display().to_string()],
+        env: BTreeMap::new(),
+        run_as: None,
+        cwd: dir.to_path_buf(),
+        log: dir.join(LOGS_DIR).join(format!("{name}.log")),
+        lab_dir: dir.to_path_buf(),
+    };
+    Ok((spec, config_path, home))
 }
 
 /// A bare HTTP/1.0 GET (the lab needs no HTTP client): the whole response, or why not.
