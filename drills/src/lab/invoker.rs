@@ -33,6 +33,28 @@ struct InvokerToml<'a> {
     data_dir: &'a Path,
     raft: &'a RaftOverrides,
     initial_members: Vec<MemberToml<'a>>,
+    publication: PublicationToml<'a>,
+    policy: &'a toml::Table,
+}
+
+#[derive(Serialize)]
+struct PublicationToml<'a> {
+    sites: Vec<PublishSiteToml<'a>>,
+}
+
+#[derive(Serialize)]
+struct PublishSiteToml<'a> {
+    site: &'a str,
+    etcd_endpoints: Vec<&'a str>,
+}
+
+/// What every invoker node of a lab is configured with beyond its own identity.
+pub(crate) struct InvokerShared<'a> {
+    pub all: &'a [InvokerPlan],
+    pub raft: &'a RaftOverrides,
+    /// (site, etcd client endpoint) where the leader publishes routing and writers.
+    pub publish_to: &'a [(String, String)],
+    pub policy: &'a toml::Table,
 }
 
 #[derive(Serialize)]
@@ -46,8 +68,7 @@ struct MemberToml<'a> {
 pub(crate) fn write_config(
     dir: &Path,
     node: &InvokerPlan,
-    all: &[InvokerPlan],
-    raft: &RaftOverrides,
+    shared: &InvokerShared<'_>,
 ) -> Result<(PathBuf, PathBuf), LabError> {
     let home = dir.join(node.name());
     let data_dir = home.join("data");
@@ -59,8 +80,9 @@ pub(crate) fn write_config(
         listen_addr: &node.grpc,
         metrics_addr: &node.metrics,
         data_dir: &data_dir,
-        raft,
-        initial_members: all
+        raft: shared.raft,
+        initial_members: shared
+            .all
             .iter()
             .map(|m| MemberToml {
                 id: m.id,
@@ -68,6 +90,17 @@ pub(crate) fn write_config(
                 site: &m.site,
             })
             .collect(),
+        publication: PublicationToml {
+            sites: shared
+                .publish_to
+                .iter()
+                .map(|(site, endpoint)| PublishSiteToml {
+                    site,
+                    etcd_endpoints: vec![endpoint.as_str()],
+                })
+                .collect(),
+        },
+        policy: shared.policy,
     };
     let path = home.join("invoker.toml");
     let text = toml::to_string(&config)?;
@@ -142,7 +175,16 @@ mod tests {
             snapshot_logs_since_last: Some(10),
             ..RaftOverrides::default()
         };
-        let (path, data) = write_config(dir.path(), &nodes[1], &nodes, &raft).unwrap();
+        let publish_to = vec![("a".to_string(), "http://127.0.1.2:2379".to_string())];
+        let policy: toml::Table =
+            toml::from_str("[services.gift-api]\nhold_down_ms = 5000").unwrap();
+        let shared = InvokerShared {
+            all: &nodes,
+            raft: &raft,
+            publish_to: &publish_to,
+            policy: &policy,
+        };
+        let (path, data) = write_config(dir.path(), &nodes[1], &shared).unwrap();
         assert!(data.is_dir());
         let value: toml::Value = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(value["node_id"].as_integer(), Some(2));
@@ -151,5 +193,11 @@ mod tests {
         let raft = value["raft"].as_table().unwrap();
         assert_eq!(raft.len(), 1);
         assert_eq!(raft["snapshot_logs_since_last"].as_integer(), Some(10));
+        let sites = value["publication"]["sites"].as_array().unwrap();
+        assert_eq!(sites[0]["site"].as_str(), Some("a"));
+        assert_eq!(
+            value["policy"]["services"]["gift-api"]["hold_down_ms"].as_integer(),
+            Some(5000)
+        );
     }
 }

@@ -92,6 +92,9 @@ pub struct LabOptions {
     /// failover policy on their reports. `lab up` does; tests that bring their own agents,
     /// or want no automatic shifts, leave it off.
     pub agents: bool,
+    /// The invokers' `[policy]` table: failover-policy settings per service over its
+    /// defaults (see invoker/server/src/config.rs), e.g. a short hold-down for a benchmark.
+    pub invoker_policy: toml::Table,
     /// Apply [`lab_topology`] through the admin API once the invokers have a leader.
     pub apply_topology: bool,
     /// How long [`Lab::start`] (and [`Lab::restart`]) wait for health.
@@ -108,6 +111,7 @@ impl LabOptions {
             invoker_env: Vec::new(),
             gift_api_env: Vec::new(),
             agents: false,
+            invoker_policy: toml::Table::new(),
             apply_topology: true,
             health_timeout: Duration::from_secs(60),
         }
@@ -462,8 +466,22 @@ impl Lab {
 
         let reg = Mutex::new(Registry::new(desc));
         let env: BTreeMap<String, String> = opts.invoker_env.iter().cloned().collect();
+        let publish_to: Vec<(String, String)> = if full {
+            plan.etcds
+                .iter()
+                .map(|e| (e.site.clone(), e.client_url()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let shared = invoker::InvokerShared {
+            all: &plan.invokers,
+            raft: &opts.raft,
+            publish_to: &publish_to,
+            policy: &opts.invoker_policy,
+        };
         for node in &plan.invokers {
-            let (config, data_dir) = invoker::write_config(&dir, node, &plan.invokers, &opts.raft)?;
+            let (config, data_dir) = invoker::write_config(&dir, node, &shared)?;
             let name = node.name();
             let log = dir.join(LOGS_DIR).join(format!("{name}.log"));
             let spec = SpawnSpec {

@@ -79,6 +79,11 @@ pub fn routing_to_pb(service: &str, table: &d::RoutingTable) -> pb::RoutingTable
         service: service.to_string(),
         version: table.version,
         runs: runs_to_pb(&table.runs),
+        throttle_max_rps: table
+            .throttle_max_rps
+            .iter()
+            .map(|(s, r)| (s.clone(), *r))
+            .collect(),
     }
 }
 
@@ -86,6 +91,11 @@ pub fn routing_from_pb(table: &pb::RoutingTable) -> d::RoutingTable {
     d::RoutingTable {
         version: table.version,
         runs: d::normalize_runs(&runs_from_pb(&table.runs)),
+        throttle_max_rps: table
+            .throttle_max_rps
+            .iter()
+            .map(|(s, r)| (s.clone(), *r))
+            .collect(),
     }
 }
 
@@ -118,6 +128,15 @@ fn status_to_pb(status: d::ProposalStatus) -> pb::ProposalStatus {
     }
 }
 
+pub fn evidence_to_pb(e: &d::Evidence) -> pb::Evidence {
+    pb::Evidence {
+        observer: e.observer.clone(),
+        probe: e.probe.clone(),
+        detail: e.detail.clone(),
+        observed_at_ms: e.observed_at_ms,
+    }
+}
+
 pub fn proposal_to_pb(p: &d::Proposal) -> pb::Proposal {
     pb::Proposal {
         id: p.id,
@@ -126,16 +145,7 @@ pub fn proposal_to_pb(p: &d::Proposal) -> pb::Proposal {
         status: status_to_pb(p.status) as i32,
         created_at_ms: p.created_at_ms,
         expires_at_ms: p.expires_at_ms,
-        evidence: p
-            .evidence
-            .iter()
-            .map(|e| pb::Evidence {
-                observer: e.observer.clone(),
-                probe: e.probe.clone(),
-                detail: e.detail.clone(),
-                observed_at_ms: e.observed_at_ms,
-            })
-            .collect(),
+        evidence: p.evidence.iter().map(evidence_to_pb).collect(),
         data_loss: p.data_loss.as_ref().map(|l| pb::DataLossEstimate {
             primary_last_lsn: l.primary_last_lsn,
             replica_receive_lsn: l.replica_receive_lsn,
@@ -189,6 +199,7 @@ pub fn state_to_pb(state: &d::State) -> pb::DomainState {
             .map(|(s, w)| writer_to_pb(s, w))
             .collect(),
         proposals: state.proposals.values().map(proposal_to_pb).collect(),
+        policy_paused: state.policy_paused,
     }
 }
 
@@ -202,6 +213,7 @@ pub fn change_to_pb(change: &d::Change) -> pb::watch_event::Event {
         d::Change::Writer { service, writer } => Event::Writer(writer_to_pb(service, writer)),
         d::Change::Proposal(p) => Event::Proposal(proposal_to_pb(p)),
         d::Change::Audit(a) => Event::Audit(audit_to_pb(a)),
+        d::Change::PolicyMode { paused } => Event::PolicyPaused(*paused),
     }
 }
 

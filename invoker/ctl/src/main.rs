@@ -52,6 +52,31 @@ enum Cmd {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// The failover policy on the leader: classification of each site and service, decisions
+    /// being committed (or, paused, what it would do) and recent decisions with evidence.
+    Policy,
+    /// Put the failover policy in dry-run: it records "would ..." and acts on nothing.
+    Pause {
+        #[arg(long)]
+        reason: String,
+    },
+    /// Let the failover policy act again.
+    Resume {
+        #[arg(long)]
+        reason: String,
+    },
+    /// Admit a site's requests to a service only up to a rate at the edge (429 beyond).
+    Throttle {
+        service: String,
+        site: String,
+        /// Requests per second; 0 or --lift removes the throttle.
+        #[arg(long, required_unless_present = "lift")]
+        max_rps: Option<u64>,
+        #[arg(long, conflicts_with = "max_rps")]
+        lift: bool,
+        #[arg(long)]
+        reason: String,
+    },
     /// Proposals awaiting a human decision (strong-service failovers).
     Proposals {
         /// Include decided proposals too.
@@ -252,6 +277,36 @@ async fn run(cli: Cli) -> Result<()> {
                 .into_inner();
             output::applied(&reply, cli.json)
         }
+        Cmd::Policy => {
+            let view = admin
+                .get_policy_view(pb::GetPolicyViewRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::policy(&view, cli.json)
+        }
+        Cmd::Pause { reason } => set_policy_mode(&mut admin, true, actor, reason, cli.json).await,
+        Cmd::Resume { reason } => set_policy_mode(&mut admin, false, actor, reason, cli.json).await,
+        Cmd::Throttle {
+            service,
+            site,
+            max_rps,
+            lift,
+            reason,
+        } => {
+            let reply = admin
+                .set_throttle(pb::SetThrottleRequest {
+                    service,
+                    site,
+                    max_rps: if lift { 0 } else { max_rps.unwrap_or(0) },
+                    actor,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::routing_set(&reply, cli.json)
+        }
         Cmd::Proposals { all } => {
             let reply = admin
                 .list_proposals(pb::ListProposalsRequest { pending_only: !all })
@@ -261,6 +316,25 @@ async fn run(cli: Cli) -> Result<()> {
             output::proposals(&reply, cli.json)
         }
     }
+}
+
+async fn set_policy_mode(
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    paused: bool,
+    actor: String,
+    reason: String,
+    json: bool,
+) -> Result<()> {
+    let reply = admin
+        .set_policy_mode(pb::SetPolicyModeRequest {
+            paused,
+            actor,
+            reason,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    output::policy_mode(&reply, json)
 }
 
 /// Turns `--weights`, `--all` or `--file` into runs of buckets. The server checks they cover

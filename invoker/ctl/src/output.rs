@@ -66,6 +66,13 @@ pub fn status(s: &pb::ClusterStatus, as_json: bool) -> Result<()> {
             "purged_index": s.purged_index, "revision": s.revision,
             "members": s.members.iter().map(|m| member_json(m, s.leader_id)).collect::<Vec<_>>(),
             "routing": routing,
+            "policy_paused": s.policy_paused,
+            "publications": s.publications.iter().map(|p| json!({
+                "site": p.site, "published_revision": p.published_revision,
+                "target_revision": p.target_revision, "acked_at_ms": p.acked_at_ms,
+                "error": p.error,
+                "published_versions": p.published_versions.iter().collect::<std::collections::BTreeMap<_, _>>(),
+            })).collect::<Vec<_>>(),
         }));
     }
     println!(
@@ -98,6 +105,188 @@ pub fn status(s: &pb::ClusterStatus, as_json: bool) -> Result<()> {
             share.join("  "),
             writer
         );
+    }
+    println!();
+    println!(
+        "failover policy: {}",
+        if s.policy_paused {
+            "PAUSED (dry-run: records what it would do, acts on nothing)"
+        } else {
+            "active"
+        }
+    );
+    if !s.publications.is_empty() {
+        println!();
+        println!(
+            "{:<10} {:>9} {:>9}  {:<24} {:<20} ERROR",
+            "PUBLISHED", "REVISION", "TARGET", "ACKED", "VERSIONS"
+        );
+        for p in &s.publications {
+            let acked = if p.acked_at_ms == 0 {
+                "-".to_string()
+            } else {
+                invoker_domain::format_utc_ms(p.acked_at_ms)
+            };
+            let versions: std::collections::BTreeMap<_, _> = p.published_versions.iter().collect();
+            let versions: Vec<String> = versions
+                .into_iter()
+                .map(|(service, v)| format!("{service} v{v}"))
+                .collect();
+            let state = if p.published_revision >= p.target_revision && p.error.is_empty() {
+                String::new()
+            } else if p.error.is_empty() {
+                "behind".to_string()
+            } else {
+                truncate(&p.error, 60)
+            };
+            println!(
+                "{:<10} {:>9} {:>9}  {:<24} {:<20} {}",
+                p.site,
+                p.published_revision,
+                p.target_revision,
+                acked,
+                versions.join(", "),
+                state
+            );
+        }
+    }
+    Ok(())
+}
+
+fn decision_json(d: &pb::PolicyDecisionView) -> Value {
+    json!({
+        "service": d.service, "decision": d.label, "classification": d.classification,
+        "decided_at_ms": d.decided_at_ms, "status": d.status, "log_index": d.log_index,
+        "detail": d.detail,
+        "evidence": d.evidence.iter().map(|e| json!({
+            "observer": e.observer, "probe": e.probe, "detail": e.detail,
+            "observed_at_ms": e.observed_at_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn policy(v: &pb::PolicyView, as_json: bool) -> Result<()> {
+    if as_json {
+        return print_json(&json!({
+            "leader_id": v.leader_id, "running": v.running, "paused": v.paused,
+            "evaluated_at_ms": v.evaluated_at_ms,
+            "sites": v.sites.iter().map(|s| json!({
+                "site": s.site, "classification": s.classification,
+                "services": s.services.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "evidence": s.evidence.iter().map(|e| json!({
+                    "observer": e.observer, "probe": e.probe, "detail": e.detail,
+                    "observed_at_ms": e.observed_at_ms,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "pending": v.pending.iter().map(decision_json).collect::<Vec<_>>(),
+            "recent": v.recent.iter().map(decision_json).collect::<Vec<_>>(),
+            "observers_last_seen_ms": v.observers_last_seen_ms.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        }));
+    }
+    if !v.running {
+        println!("the failover policy is not running on leader {} yet (no topology with two sites, a witness and services)", v.leader_id);
+        return Ok(());
+    }
+    println!(
+        "failover policy on leader {}: {}  (evaluated {})",
+        v.leader_id,
+        if v.paused {
+            "PAUSED (dry-run)"
+        } else {
+            "active"
+        },
+        invoker_domain::format_utc_ms(v.evaluated_at_ms)
+    );
+    println!();
+    println!("{:<10} {:<22} SERVICES", "SITE", "CLASSIFICATION");
+    for s in &v.sites {
+        let services: std::collections::BTreeMap<_, _> = s.services.iter().collect();
+        let services: Vec<String> = services
+            .into_iter()
+            .map(|(name, class)| format!("{name}={class}"))
+            .collect();
+        println!(
+            "{:<10} {:<22} {}",
+            s.site,
+            s.classification,
+            services.join("  ")
+        );
+        for e in s.evidence.iter().take(6) {
+            println!(
+                "{:>12} {} {}: {}",
+                "",
+                e.observer,
+                e.probe,
+                truncate(&e.detail, 60)
+            );
+        }
+    }
+    let observers: std::collections::BTreeMap<_, _> = v.observers_last_seen_ms.iter().collect();
+    if !observers.is_empty() {
+        println!();
+        let seen: Vec<String> = observers
+            .into_iter()
+            .map(|(o, at)| {
+                let age = v
+                    .evaluated_at_ms
+                    .saturating_sub(i64::try_from(*at).unwrap_or(i64::MAX));
+                format!("{o} {age} ms ago")
+            })
+            .collect();
+        println!("observers: {}", seen.join(", "));
+    }
+    for (title, list) in [
+        ("PENDING", &v.pending),
+        ("RECENT DECISIONS (newest first)", &v.recent),
+    ] {
+        println!();
+        println!("{title}");
+        if list.is_empty() {
+            println!("  none");
+        }
+        for d in list {
+            println!(
+                "  {}  {:<24} {:<12} {:<18} {}{}",
+                invoker_domain::format_utc_ms(d.decided_at_ms),
+                d.label,
+                truncate(&d.service, 12),
+                d.classification,
+                d.status,
+                if d.log_index > 0 {
+                    format!(" (log {})", d.log_index)
+                } else {
+                    String::new()
+                }
+            );
+            println!("      {}", truncate(&d.detail, 90));
+            for e in d.evidence.iter().take(4) {
+                println!(
+                    "      {} {}: {}",
+                    e.observer,
+                    e.probe,
+                    truncate(&e.detail, 70)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn policy_mode(r: &pb::SetPolicyModeResponse, as_json: bool) -> Result<()> {
+    if as_json {
+        return print_json(
+            &json!({"paused": r.paused, "changed": r.changed, "log_index": r.log_index}),
+        );
+    }
+    let mode = if r.paused {
+        "paused: dry-run, the policy records what it would do and acts on nothing"
+    } else {
+        "active: the policy acts on its decisions"
+    };
+    if r.changed {
+        println!("failover policy now {mode}");
+    } else {
+        println!("failover policy already {mode}");
     }
     Ok(())
 }
@@ -216,9 +405,14 @@ pub fn routing_set(r: &pb::SetRoutingResponse, as_json: bool) -> Result<()> {
             "log_index": r.log_index, "runs": runs_json(&table.runs),
         }));
     }
+    let throttles: std::collections::BTreeMap<_, _> = table.throttle_max_rps.iter().collect();
+    let throttles: String = throttles
+        .into_iter()
+        .map(|(site, rps)| format!("  throttle {site} <= {rps}/s"))
+        .collect();
     if r.changed {
         println!(
-            "{} now at version {}: {}",
+            "{} now at version {}: {}{throttles}",
             table.service,
             table.version,
             share_line(&table.runs)

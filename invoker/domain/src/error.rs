@@ -39,6 +39,8 @@ pub enum DomainError {
     StrongWithoutWriter(String),
     #[error("service {0:?} is stateless and cannot have a writer")]
     StatelessWithWriter(String),
+    #[error("a throttle of 0 requests per second would refuse every request of site {site:?}; lift it instead")]
+    ZeroThrottle { site: String },
     #[error("invalid topology file: {0}")]
     TopologyParse(String),
 }

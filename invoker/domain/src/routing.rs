@@ -36,6 +36,10 @@ pub struct RoutingTable {
     pub version: u64,
     /// Normalised runs (see [`normalize_runs`]); their counts add up to [`BUCKETS`].
     pub runs: Vec<BucketRun>,
+    /// Sites whose requests the edge admits only up to this rate (requests per second),
+    /// because they took over more load than they can carry. Empty in normal operation.
+    #[serde(default)]
+    pub throttle_max_rps: BTreeMap<String, u64>,
 }
 
 /// Merges adjacent runs of the same site and drops empty ones, so that equal tables compare
@@ -152,7 +156,17 @@ impl RoutingTable {
             .iter()
             .map(|(site, n)| format!("{site}={n}"))
             .collect();
-        format!("v{} {}", self.version, parts.join(" "))
+        let throttles: Vec<String> = self
+            .throttle_max_rps
+            .iter()
+            .map(|(site, rps)| format!(" throttle {site}<={rps}/s"))
+            .collect();
+        format!(
+            "v{} {}{}",
+            self.version,
+            parts.join(" "),
+            throttles.concat()
+        )
     }
 }
 
@@ -168,7 +182,11 @@ mod tests {
     fn even_split_gives_half_each() {
         let runs =
             RoutingTable::runs_from_weights("svc", &weights(&[("a", 50), ("b", 50)])).unwrap();
-        let t = RoutingTable { version: 1, runs };
+        let t = RoutingTable {
+            version: 1,
+            runs,
+            throttle_max_rps: BTreeMap::new(),
+        };
         assert_eq!(runs_len(&t.runs), BUCKETS as u64);
         assert_eq!(t.share()["a"], 512);
         assert_eq!(t.share()["b"], 512);
@@ -204,6 +222,7 @@ mod tests {
         let t = RoutingTable {
             version: 1,
             runs: normal.clone(),
+            throttle_max_rps: BTreeMap::new(),
         };
         assert_eq!(runs_from_buckets(&t.buckets()), normal);
     }

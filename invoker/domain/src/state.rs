@@ -34,6 +34,16 @@ pub enum Command {
         /// Compare-and-swap: refuse unless the live table is at this version.
         expected_version: Option<u64>,
     },
+    /// Admit a site's requests to a service only up to `max_rps` at the edge (`None` lifts
+    /// the throttle). Bumps the routing table's version: the throttle travels with it.
+    SetThrottle {
+        service: String,
+        site: String,
+        max_rps: Option<u64>,
+    },
+    /// Pause (dry-run: decide, record "would ...", act on nothing) or resume the failover
+    /// policy. Replicated, so a new leader keeps the mode.
+    SetPolicyPaused { paused: bool },
     /// Record an action taken outside the state machine (a membership change) in the audit log.
     RecordAudit {
         action: String,
@@ -48,6 +58,8 @@ impl Command {
         match self {
             Command::ApplyTopology(_) => "apply_topology",
             Command::SetRouting { .. } => "set_routing",
+            Command::SetThrottle { .. } => "set_throttle",
+            Command::SetPolicyPaused { .. } => "set_policy_paused",
             Command::RecordAudit { .. } => "record_audit",
         }
     }
@@ -74,6 +86,10 @@ pub enum Outcome {
         changed: bool,
     },
     Audited,
+    PolicyMode {
+        paused: bool,
+        changed: bool,
+    },
 }
 
 /// One change of the replicated state, published to watchers after it is applied.
@@ -91,6 +107,9 @@ pub enum Change {
     },
     Proposal(Proposal),
     Audit(AuditEntry),
+    PolicyMode {
+        paused: bool,
+    },
 }
 
 /// The replicated domain state.
@@ -103,6 +122,9 @@ pub struct State {
     pub proposals: BTreeMap<u64, Proposal>,
     pub audit: VecDeque<AuditEntry>,
     pub next_audit_seq: u64,
+    /// The failover policy runs in dry-run: it records what it would do and does nothing.
+    #[serde(default)]
+    pub policy_paused: bool,
     /// Log index of the last request that changed something.
     pub revision: u64,
 }
@@ -120,6 +142,12 @@ impl State {
                 runs,
                 expected_version,
             } => self.set_routing(service, runs, *expected_version),
+            Command::SetThrottle {
+                service,
+                site,
+                max_rps,
+            } => self.set_throttle(service, site, *max_rps),
+            Command::SetPolicyPaused { paused } => Ok(self.set_policy_paused(*paused)),
             Command::RecordAudit {
                 action,
                 before,
@@ -221,6 +249,7 @@ impl State {
         let table = RoutingTable {
             version: current.version + 1,
             runs,
+            throttle_max_rps: current.throttle_max_rps.clone(),
         };
         let after = table.summary();
         self.routing.insert(service.to_string(), table.clone());
@@ -235,6 +264,70 @@ impl State {
             }],
             audit: vec![(format!("routing.set {service}"), before, after)],
         })
+    }
+
+    fn set_throttle(
+        &mut self,
+        service: &str,
+        site: &str,
+        max_rps: Option<u64>,
+    ) -> Result<Applied, DomainError> {
+        self.check_traffic_site(site)?;
+        if max_rps == Some(0) {
+            return Err(DomainError::ZeroThrottle {
+                site: site.to_string(),
+            });
+        }
+        let current = self
+            .routing
+            .get(service)
+            .ok_or_else(|| DomainError::UnknownService(service.to_string()))?;
+        if current.throttle_max_rps.get(site).copied() == max_rps {
+            return Ok(Applied::outcome(Outcome::Routing {
+                table: current.clone(),
+                changed: false,
+            }));
+        }
+        let before = current.summary();
+        let mut table = current.clone();
+        table.version += 1;
+        match max_rps {
+            Some(rps) => table.throttle_max_rps.insert(site.to_string(), rps),
+            None => table.throttle_max_rps.remove(site),
+        };
+        let after = table.summary();
+        self.routing.insert(service.to_string(), table.clone());
+        Ok(Applied {
+            outcome: Outcome::Routing {
+                table: table.clone(),
+                changed: true,
+            },
+            changes: vec![Change::Routing {
+                service: service.to_string(),
+                table,
+            }],
+            audit: vec![(format!("throttle.set {service} {site}"), before, after)],
+        })
+    }
+
+    fn set_policy_paused(&mut self, paused: bool) -> Applied {
+        if self.policy_paused == paused {
+            return Applied::outcome(Outcome::PolicyMode {
+                paused,
+                changed: false,
+            });
+        }
+        let mode = |p: bool| if p { "paused" } else { "active" }.to_string();
+        let before = mode(self.policy_paused);
+        self.policy_paused = paused;
+        Applied {
+            outcome: Outcome::PolicyMode {
+                paused,
+                changed: true,
+            },
+            changes: vec![Change::PolicyMode { paused }],
+            audit: vec![("policy.mode".into(), before, mode(paused))],
+        }
     }
 
     fn apply_topology(&mut self, topology: &Topology) -> Result<Applied, DomainError> {
@@ -310,7 +403,11 @@ impl State {
             }
         }
         for (spec, runs) in topology.services.iter().zip(tables) {
-            let declared = RoutingTable { version: 1, runs };
+            let declared = RoutingTable {
+                version: 1,
+                runs,
+                throttle_max_rps: BTreeMap::new(),
+            };
             if !self.services.contains_key(&spec.name) {
                 let service = Service {
                     name: spec.name.clone(),
@@ -421,6 +518,11 @@ fn validate_request(request: &Request) -> Result<(), DomainError> {
     validate_text("reason", &request.reason, true)?;
     match &request.command {
         Command::SetRouting { service, .. } => validate_id("service name", service)?,
+        Command::SetThrottle { service, site, .. } => {
+            validate_id("service name", service)?;
+            validate_id("site", site)?;
+        }
+        Command::SetPolicyPaused { .. } => {}
         Command::RecordAudit {
             action,
             before,
@@ -645,5 +747,99 @@ mod tests {
         }
         assert_eq!(state.audit.len(), AUDIT_RETAINED);
         assert_eq!(state.audit.back().unwrap().seq, state.next_audit_seq);
+    }
+
+    #[test]
+    fn throttle_travels_with_the_table_and_survives_a_shift() {
+        let mut state = lab_state();
+        let v1 = state.routing["gift-api"].version;
+        let throttle = |max_rps| {
+            req(Command::SetThrottle {
+                service: "gift-api".into(),
+                site: "b".into(),
+                max_rps,
+            })
+        };
+        let (resp, changes) = state.apply(10, &throttle(Some(500)));
+        assert!(matches!(
+            resp,
+            Response::Applied(Outcome::Routing { changed: true, .. })
+        ));
+        assert_eq!(changes.len(), 2, "routing change and audit: {changes:?}");
+        let table = &state.routing["gift-api"];
+        assert_eq!(table.version, v1 + 1);
+        assert_eq!(table.throttle_max_rps.get("b"), Some(&500));
+        assert!(table.summary().contains("throttle b<=500/s"));
+        // The same throttle again changes nothing.
+        let (resp, changes) = state.apply(11, &throttle(Some(500)));
+        assert!(matches!(
+            resp,
+            Response::Applied(Outcome::Routing { changed: false, .. })
+        ));
+        assert!(changes.is_empty());
+        // A shift keeps the throttle.
+        let (resp, _) = state.apply(
+            12,
+            &req(Command::SetRouting {
+                service: "gift-api".into(),
+                runs: vec![BucketRun::new("b", BUCKETS as u32)],
+                expected_version: None,
+            }),
+        );
+        assert!(matches!(resp, Response::Applied(_)));
+        assert_eq!(
+            state.routing["gift-api"].throttle_max_rps.get("b"),
+            Some(&500)
+        );
+        let (_, _) = state.apply(13, &throttle(None));
+        assert!(state.routing["gift-api"].throttle_max_rps.is_empty());
+    }
+
+    #[test]
+    fn bad_throttles_are_refused_and_change_nothing() {
+        let mut state = lab_state();
+        let before = state.clone();
+        for (service, site, max_rps, expected) in [
+            ("gift-api", "b", Some(0), "ZeroThrottle"),
+            ("gift-api", "witness", Some(10), "WitnessSite"),
+            ("gift-api", "c", Some(10), "UnknownSite"),
+            ("nope", "b", Some(10), "UnknownService"),
+        ] {
+            let (resp, changes) = state.apply(
+                20,
+                &req(Command::SetThrottle {
+                    service: service.into(),
+                    site: site.into(),
+                    max_rps,
+                }),
+            );
+            assert!(format!("{resp:?}").contains(expected), "{resp:?}");
+            assert!(changes.is_empty());
+        }
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn policy_mode_is_replicated_state_and_audited() {
+        let mut state = lab_state();
+        assert!(!state.policy_paused);
+        let (resp, changes) = state.apply(30, &req(Command::SetPolicyPaused { paused: true }));
+        assert_eq!(
+            resp,
+            Response::Applied(Outcome::PolicyMode {
+                paused: true,
+                changed: true
+            })
+        );
+        assert!(changes.contains(&Change::PolicyMode { paused: true }));
+        assert!(state.policy_paused);
+        assert_eq!(state.audit.back().unwrap().action, "policy.mode");
+        let (resp, changes) = state.apply(31, &req(Command::SetPolicyPaused { paused: true }));
+        assert!(matches!(
+            resp,
+            Response::Applied(Outcome::PolicyMode { changed: false, .. })
+        ));
+        assert!(changes.is_empty());
+        assert_eq!(state.revision, 30);
     }
 }

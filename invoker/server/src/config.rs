@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::InvokerError;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This node's raft id: unique in the cluster, never reused for a wiped node.
@@ -32,6 +32,43 @@ pub struct Config {
     /// The members a brand-new cluster starts with. Used only when this node's log is empty.
     #[serde(default)]
     pub initial_members: Vec<MemberConfig>,
+    /// Where the leader publishes routing tables and writer records: each site's etcd.
+    #[serde(default)]
+    pub publication: PublicationConfig,
+    /// Failover policy settings over the topology-derived defaults: the keys of
+    /// failover-policy's `PolicyConfig` (`observer_silence_ms`, `edge_error_rate_threshold`,
+    /// ...) and `[policy.services.<name>]` tables (`probe_interval_ms`, `failures_to_trip`,
+    /// `successes_to_clear`, `hold_down_ms`, `failback`, `capacity_rps`). Sites, witness and
+    /// each service's class come from the replicated topology and cannot be set here.
+    #[serde(default)]
+    pub policy: toml::Table,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublicationConfig {
+    /// Pause between attempts at a site whose etcd failed or fell behind.
+    pub retry_interval_ms: u64,
+    /// Per etcd request.
+    pub timeout_ms: u64,
+    pub sites: Vec<PublishSite>,
+}
+
+impl Default for PublicationConfig {
+    fn default() -> Self {
+        PublicationConfig {
+            retry_interval_ms: 200,
+            timeout_ms: 1_000,
+            sites: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishSite {
+    pub site: String,
+    pub etcd_endpoints: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +165,33 @@ impl Config {
             invoker_domain::validate_id("site", &m.site)
                 .map_err(|e| InvokerError::Config(format!("initial_members: {e}")))?;
         }
+        let p = &self.publication;
+        if p.retry_interval_ms == 0 || p.timeout_ms == 0 {
+            return bad(
+                "publication.retry_interval_ms and publication.timeout_ms must be above 0".into(),
+            );
+        }
+        let mut published = BTreeSet::new();
+        for site in &p.sites {
+            invoker_domain::validate_id("site", &site.site)
+                .map_err(|e| InvokerError::Config(format!("publication.sites: {e}")))?;
+            if !published.insert(&site.site) {
+                return bad(format!(
+                    "publication.sites: site {:?} appears twice",
+                    site.site
+                ));
+            }
+            if site.etcd_endpoints.is_empty()
+                || site.etcd_endpoints.iter().any(|e| e.trim().is_empty())
+            {
+                return bad(format!(
+                    "publication.sites: site {:?} needs etcd_endpoints (host:port, none empty)",
+                    site.site
+                ));
+            }
+        }
+        crate::policy_loop::check_overrides(&self.policy)
+            .map_err(|e| InvokerError::Config(format!("policy: {e}")))?;
         if !self.initial_members.is_empty() && !ids.contains(&self.node_id) {
             return bad(format!(
                 "initial_members does not include this node (node_id {})",
@@ -196,6 +260,44 @@ mod tests {
             (
                 GOOD.replace("id = 1\n        addr", "id = 2\n        addr"),
                 "does not include",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+    }
+
+    #[test]
+    fn publication_and_policy_sections_parse_and_are_checked() {
+        let good = format!(
+            "{GOOD}\n[publication]\nretry_interval_ms = 100\n[[publication.sites]]\nsite = \"a\"\netcd_endpoints = [\"127.0.1.2:2379\"]\n\n[policy]\nobserver_silence_ms = 2000\n[policy.services.gift-api]\nhold_down_ms = 5000\nfailback = {{ automatic = {{ stable_period_ms = 60000 }} }}\ncapacity_rps = {{ a = 100, b = 100 }}\n"
+        );
+        let c = parse(&good).unwrap();
+        assert_eq!(c.publication.sites[0].etcd_endpoints, ["127.0.1.2:2379"]);
+        assert_eq!(c.publication.timeout_ms, 1_000);
+        let cases = [
+            (format!("{GOOD}\n[policy]\nsites = [\"a\", \"b\"]\n"), "comes from the topology"),
+            (
+                format!("{GOOD}\n[policy.services.gift-api]\nclass = \"strong\"\n"),
+                "class comes from the topology",
+            ),
+            (
+                format!("{GOOD}\n[policy.services.gift-api]\nhold_down_ms = 0\n"),
+                "hold_down_ms",
+            ),
+            (
+                format!("{GOOD}\n[policy.services.gift-api]\nfailures_to_trip = \"three\"\n"),
+                "failures_to_trip",
+            ),
+            (format!("{GOOD}\n[policy]\nedge_error_rate_threshold = 2.0\n"), "edge_error_rate_threshold"),
+            (
+                format!("{GOOD}\n[[publication.sites]]\nsite = \"a\"\netcd_endpoints = []\n"),
+                "needs etcd_endpoints",
+            ),
+            (
+                format!("{GOOD}\n[[publication.sites]]\nsite = \"a\"\netcd_endpoints = [\"x:1\"]\n[[publication.sites]]\nsite = \"a\"\netcd_endpoints = [\"x:1\"]\n"),
+                "appears twice",
             ),
         ];
         for (text, needle) in cases {

@@ -4,6 +4,8 @@
 //!   applies domain requests, with snapshots persisted in the same redb file.
 //! - [`network`]: openraft's transport over gRPC.
 //! - [`grpc`]: the gRPC services (raft transport, admin, routing watch, agent sessions).
+//! - [`policy_loop`]: the leader's failover loop (agent reports → policy → committed decisions).
+//! - [`publisher`]: the leader's publication of routing and writers to each site's etcd.
 //! - [`node`]: assembles a node from its [`config::Config`], bootstraps, serves, shuts down.
 
 pub mod config;
@@ -12,6 +14,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod policy_loop;
+pub mod publisher;
 pub mod store;
 pub mod types;
 

@@ -38,6 +38,22 @@ pub struct Metrics {
     /// Agent reports by site and result (accepted, or the reason for a rejection).
     pub agent_reports: Family<AgentLabels, Counter>,
     pub agent_sessions: Gauge,
+    /// Per site: the domain revision its etcd acknowledged from this leader.
+    pub publication_revision: Family<SiteLabels, Gauge>,
+    pub publication_failures: Family<SiteLabels, Counter>,
+    /// Policy decisions by kind and result (committed, failed, dry_run).
+    pub policy_decisions: Family<DecisionLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteLabels {
+    pub site: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub decision: String,
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -66,6 +82,24 @@ impl Metrics {
         let snapshot_index = Gauge::default();
         let agent_reports = Family::<AgentLabels, Counter>::default();
         let agent_sessions = Gauge::default();
+        let publication_revision = Family::<SiteLabels, Gauge>::default();
+        let publication_failures = Family::<SiteLabels, Counter>::default();
+        let policy_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "publication_revision",
+            "Domain revision whose routing tables and writers the site's etcd acknowledged (leader only)",
+            publication_revision.clone(),
+        );
+        registry.register(
+            "publication_failures",
+            "Failed publication passes to a site's etcd (each is retried)",
+            publication_failures.clone(),
+        );
+        registry.register(
+            "policy_decisions",
+            "Failover policy decisions by kind and result (committed, failed, dry_run)",
+            policy_decisions.clone(),
+        );
         registry.register(
             "agent_reports",
             "Agent reports received by this node, by site and result (accepted, stale_seq, invalid, not_leader)",
@@ -124,7 +158,31 @@ impl Metrics {
             snapshot_index,
             agent_reports,
             agent_sessions,
+            publication_revision,
+            publication_failures,
+            policy_decisions,
         }
+    }
+
+    pub fn published_revision(&self, site: &str, revision: u64) {
+        self.publication_revision
+            .get_or_create(&SiteLabels { site: site.into() })
+            .set(i64::try_from(revision).unwrap_or(i64::MAX));
+    }
+
+    pub fn publication_failed(&self, site: &str) {
+        self.publication_failures
+            .get_or_create(&SiteLabels { site: site.into() })
+            .inc();
+    }
+
+    pub fn policy_decision(&self, decision: &str, result: &'static str) {
+        self.policy_decisions
+            .get_or_create(&DecisionLabels {
+                decision: decision.into(),
+                result,
+            })
+            .inc();
     }
 
     pub fn record_write<T>(

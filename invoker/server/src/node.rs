@@ -44,6 +44,12 @@ pub struct Node {
     /// openraft allows one membership change at a time; serialise them here.
     membership_lock: tokio::sync::Mutex<()>,
     pub metrics: Arc<Metrics>,
+    /// Where the leader's publication to each site's etcd stands.
+    pub publications: crate::publisher::Progress,
+    /// The leader's failover policy as the admin API shows it.
+    pub policy_view: crate::policy_loop::ViewCell,
+    /// The invoker config's `[policy]` table (checked at load).
+    pub policy_overrides: toml::Table,
 }
 
 impl Node {
@@ -86,6 +92,9 @@ impl Node {
             committed_index,
             membership_lock: tokio::sync::Mutex::new(()),
             metrics: Arc::new(Metrics::new()),
+            publications: Default::default(),
+            policy_view: Default::default(),
+            policy_overrides: config.policy.clone(),
         }))
     }
 
@@ -340,6 +349,10 @@ pub async fn serve(
         });
     }
     tokio::spawn(crate::metrics::follow_raft(node.clone()));
+    tokio::spawn(crate::publisher::run(
+        node.clone(),
+        config.publication.clone(),
+    ));
 
     let mut stop = stop_rx.clone();
     let grpc = crate::grpc::router(node.clone())?;

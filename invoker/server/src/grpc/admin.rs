@@ -125,6 +125,135 @@ impl pb::admin_server::Admin for AdminService {
             members: members_of(&m),
             routing,
             revision: state.revision,
+            publications: self
+                .node
+                .publications
+                .snapshot()
+                .into_iter()
+                .map(|(site, p)| pb::SitePublication {
+                    site,
+                    published_revision: p.published_revision,
+                    target_revision: p.target_revision,
+                    acked_at_ms: p.acked_at_ms,
+                    error: p.error,
+                    published_versions: p.published_versions.into_iter().collect(),
+                })
+                .collect(),
+            policy_paused: state.policy_paused,
+        }))
+    }
+
+    #[tracing::instrument(name = "admin.set_throttle", skip_all, fields(service = %request.get_ref().service, site = %request.get_ref().site))]
+    async fn set_throttle(
+        &self,
+        request: Request<pb::SetThrottleRequest>,
+    ) -> Result<Response<pb::SetRoutingResponse>, Status> {
+        let msg = request.get_ref();
+        check_actor_reason(&msg.actor, &msg.reason)?;
+        validate_id("service name", &msg.service).map_err(|e| domain_status(&e))?;
+        validate_id("site", &msg.site).map_err(|e| domain_status(&e))?;
+        let command = Command::SetThrottle {
+            service: msg.service.clone(),
+            site: msg.site.clone(),
+            max_rps: (msg.max_rps != 0).then_some(msg.max_rps),
+        };
+        match self
+            .node
+            .propose(domain_request(&msg.actor, &msg.reason, command))
+            .await
+        {
+            Ok((log_index, DomainResponse::Applied(Outcome::Routing { table, changed }))) => {
+                tracing::info!(changed, version = table.version, "throttle set");
+                Ok(Response::new(pb::SetRoutingResponse {
+                    table: Some(convert::routing_to_pb(&msg.service, &table)),
+                    changed,
+                    log_index,
+                }))
+            }
+            Ok((_, other)) => Err(Status::internal(format!("unexpected result {other:?}"))),
+            Err(e) => {
+                let mut leader = self.leader_client(&request, e)?;
+                leader.set_throttle(forwarded(request.into_inner())).await
+            }
+        }
+    }
+
+    #[tracing::instrument(name = "admin.set_policy_mode", skip_all, fields(paused = request.get_ref().paused))]
+    async fn set_policy_mode(
+        &self,
+        request: Request<pb::SetPolicyModeRequest>,
+    ) -> Result<Response<pb::SetPolicyModeResponse>, Status> {
+        let msg = request.get_ref();
+        check_actor_reason(&msg.actor, &msg.reason)?;
+        let command = Command::SetPolicyPaused { paused: msg.paused };
+        match self
+            .node
+            .propose(domain_request(&msg.actor, &msg.reason, command))
+            .await
+        {
+            Ok((log_index, DomainResponse::Applied(Outcome::PolicyMode { paused, changed }))) => {
+                tracing::warn!(paused, changed, actor = %msg.actor, "failover policy mode set");
+                Ok(Response::new(pb::SetPolicyModeResponse {
+                    paused,
+                    changed,
+                    log_index,
+                }))
+            }
+            Ok((_, other)) => Err(Status::internal(format!("unexpected result {other:?}"))),
+            Err(e) => {
+                let mut leader = self.leader_client(&request, e)?;
+                leader
+                    .set_policy_mode(forwarded(request.into_inner()))
+                    .await
+            }
+        }
+    }
+
+    async fn get_policy_view(
+        &self,
+        request: Request<pb::GetPolicyViewRequest>,
+    ) -> Result<Response<pb::PolicyView>, Status> {
+        // Only the leader runs the policy; anyone else forwards.
+        if !self.node.is_leader() {
+            let error = ProposeError::NotLeader(self.node.leader().map(|(_, addr)| addr));
+            let mut leader = self.leader_client(&request, error)?;
+            return leader
+                .get_policy_view(forwarded(request.into_inner()))
+                .await;
+        }
+        let view = self.node.policy_view.get();
+        let record = |r: &crate::policy_loop::DecisionRecord| pb::PolicyDecisionView {
+            service: r.service.clone(),
+            label: r.label.clone(),
+            classification: r.classification.clone(),
+            decided_at_ms: i64::try_from(r.decided_at_ms).unwrap_or(i64::MAX),
+            detail: r.detail.clone(),
+            status: r.status.clone(),
+            log_index: r.log_index,
+            evidence: r.evidence.iter().map(convert::evidence_to_pb).collect(),
+        };
+        Ok(Response::new(pb::PolicyView {
+            leader_id: self.node.id,
+            paused: view.paused,
+            running: view.running,
+            evaluated_at_ms: i64::try_from(view.evaluated_at_ms).unwrap_or(i64::MAX),
+            sites: view
+                .sites
+                .iter()
+                .map(|(site, a)| pb::SiteView {
+                    site: site.clone(),
+                    classification: a.class.as_str().to_string(),
+                    services: a
+                        .services
+                        .iter()
+                        .map(|(s, c)| (s.clone(), c.as_str().to_string()))
+                        .collect(),
+                    evidence: a.evidence.iter().map(convert::evidence_to_pb).collect(),
+                })
+                .collect(),
+            pending: view.pending.iter().map(record).collect(),
+            recent: view.recent.iter().map(record).collect(),
+            observers_last_seen_ms: view.observers_last_seen_ms.into_iter().collect(),
         }))
     }
 

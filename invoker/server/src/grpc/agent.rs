@@ -113,6 +113,26 @@ fn check_report(
             ));
         }
     }
+    for e in &report.edge {
+        if !serving(&e.site) || validate_id("service", &e.service).is_err() {
+            return Err((
+                "invalid",
+                format!(
+                    "edge sample of {:?} in unknown site {:?}",
+                    e.service, e.site
+                ),
+            ));
+        }
+        if e.error_rps > e.request_rps {
+            return Err((
+                "invalid",
+                format!(
+                    "edge sample of {:?} in {:?} has more errors ({}/s) than requests ({}/s)",
+                    e.service, e.site, e.error_rps, e.request_rps
+                ),
+            ));
+        }
+    }
     for p in &report.peers {
         if !serving(&p.target_site) {
             return Err((
@@ -166,16 +186,19 @@ impl pb::agent_session_server::AgentSession for AgentService {
                 .map(|(id, s)| (id.clone(), s.role))
                 .collect()
         };
-        let role = match pb::AgentRole::try_from(hello.role) {
-            Ok(pb::AgentRole::Site) => SiteRole::Site,
-            Ok(pb::AgentRole::Witness) => SiteRole::Witness,
+        // The edge runs at any location; an agent's role must match its site's.
+        let (role, edge) = match pb::AgentRole::try_from(hello.role) {
+            Ok(pb::AgentRole::Site) => (SiteRole::Site, false),
+            Ok(pb::AgentRole::Witness) => (SiteRole::Witness, false),
+            Ok(pb::AgentRole::Edge) => (SiteRole::Site, true),
             _ => {
                 return Err(Status::invalid_argument(
-                    "agent role must be SITE or WITNESS",
+                    "agent role must be SITE, WITNESS or EDGE",
                 ))
             }
         };
         match sites.get(&hello.site) {
+            Some(_) if edge => {}
             Some(r) if *r == role => {}
             Some(r) => {
                 return Err(Status::invalid_argument(format!(
@@ -242,12 +265,28 @@ impl pb::agent_session_server::AgentSession for AgentService {
                     let _ = tx.send(Ok(not_leader(&node))).await;
                     break;
                 }
-                match check_report(&report, views.last_seq(&agent), &sites) {
+                let shape = if edge {
+                    (report.instances.is_empty()
+                        && report.databases.is_empty()
+                        && report.peers.is_empty())
+                    .then_some(())
+                    .ok_or(("invalid", "an edge reports edge samples only".to_string()))
+                } else {
+                    report
+                        .edge
+                        .is_empty()
+                        .then_some(())
+                        .ok_or(("invalid", "only the edge reports edge samples".to_string()))
+                };
+                match shape.and_then(|()| check_report(&report, views.last_seq(&agent), &sites)) {
                     Ok(()) => {
                         count("accepted");
                         views.accept(&agent, report.seq);
-                        let observation =
-                            crate::policy_loop::observation(&hello.site, &report, now_ms());
+                        let observation = if edge {
+                            crate::policy_loop::edge_observation(&report, now_ms())
+                        } else {
+                            crate::policy_loop::observation(&hello.site, &report, now_ms())
+                        };
                         if observations.try_send(observation).is_err() {
                             // The loop is behind; the next report supersedes this one.
                             count("dropped");
