@@ -28,6 +28,7 @@ mod http;
 mod mix;
 mod report;
 mod schedule;
+pub mod timeline;
 mod zipf;
 
 use std::path::{Path, PathBuf};
@@ -439,6 +440,8 @@ enum Detail {
 #[derive(Debug)]
 struct Sample {
     op: Op,
+    /// When the request was due, from the start of the timed run.
+    due_offset: Duration,
     outcome: Outcome,
     /// `None` when the request was never sent.
     latency: Option<Duration>,
@@ -594,13 +597,18 @@ impl Drop for CancelOnDrop {
 }
 
 impl Dispatcher {
-    /// Blocks until the last request has been sent (not answered); returns the start time.
-    fn run(self, total: u64) -> Instant {
+    /// Blocks until the last request has been sent (not answered); returns the start time,
+    /// also as Unix milliseconds.
+    fn run(self, total: u64) -> (Instant, u64) {
         let config = &self.config;
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
         let mut rng = StdRng::seed_from_u64(config.seed);
         let progress_every = config.rate_per_sec.saturating_mul(10).max(1);
         let start = Instant::now();
+        let start_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
         for i in 0..total {
             if self.cancelled.load(Ordering::Relaxed) {
                 break;
@@ -635,6 +643,7 @@ impl Dispatcher {
                 // The collector receives until every sender is gone, so this cannot fail.
                 let _ = self.tx.send(Sample {
                     op: plan.op,
+                    due_offset: offset,
                     outcome: Outcome::Error(OVERLOAD_REASON.into()),
                     latency: None,
                     dispatch_lag,
@@ -650,6 +659,7 @@ impl Dispatcher {
                 drop(permit);
                 let _ = tx.send(Sample {
                     op: plan.op,
+                    due_offset: offset,
                     outcome,
                     latency: Some(latency),
                     dispatch_lag,
@@ -657,7 +667,7 @@ impl Dispatcher {
                 });
             });
         }
-        start
+        (start, start_unix_ms)
     }
 }
 
@@ -674,6 +684,10 @@ async fn timed_run(
         let mut committed = Vec::new();
         while let Some(sample) = rx.recv().await {
             stats.record(sample.op, &sample.outcome, sample.latency);
+            stats.timeline.record(
+                u64::try_from(sample.due_offset.as_millis()).unwrap_or(u64::MAX),
+                !matches!(sample.outcome, Outcome::Error(_)),
+            );
             stats.record_dispatch_lag(sample.dispatch_lag);
             match sample.detail {
                 Detail::None => {}
@@ -710,14 +724,15 @@ async fn timed_run(
     // A thread of its own rather than a task: tokio's timer wakes on whole milliseconds, which
     // would add up to a millisecond of dispatch lag to every latency; thread::sleep is good to
     // tens of microseconds.
-    let start = tokio::task::spawn_blocking(move || dispatcher.run(total))
+    let (start, start_unix_ms) = tokio::task::spawn_blocking(move || dispatcher.run(total))
         .await
         .map_err(|e| LoadgenError::Internal(format!("the dispatcher thread failed: {e}")))?;
     // The dispatcher dropped its sender on return; the collector ends when the last request
     // task drops its clone, i.e. when the last request is done.
-    let (stats, committed) = collector
+    let (mut stats, committed) = collector
         .await
         .map_err(|e| LoadgenError::Internal(format!("the collector task failed: {e}")))?;
+    stats.timeline.started_at_unix_ms = start_unix_ms;
     Ok((stats, committed, start.elapsed()))
 }
 

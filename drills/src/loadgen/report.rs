@@ -103,6 +103,7 @@ pub(crate) struct RunStats {
     pub sends_with_unexpected_amount: u64,
     pub read_sources: BTreeMap<String, u64>,
     pub dispatch_lag_us: Histogram<u64>,
+    pub timeline: super::timeline::Timeline,
 }
 
 impl RunStats {
@@ -114,6 +115,7 @@ impl RunStats {
             sends_with_unexpected_amount: 0,
             read_sources: BTreeMap::new(),
             dispatch_lag_us: new_histogram()?,
+            timeline: super::timeline::Timeline::new(0),
         })
     }
 
@@ -224,6 +226,8 @@ pub struct LoadReport {
     /// `source` of wallet reads (`primary`, `replica`).
     pub read_sources: BTreeMap<String, u64>,
     pub readback: ReadbackReport,
+    /// Successes and errors per 200 ms window of due time (availability over the run).
+    pub timeline: super::timeline::Timeline,
 }
 
 fn per_sec(count: u64, secs: f64) -> f64 {
@@ -303,6 +307,7 @@ impl LoadReport {
             sends_with_unexpected_amount: stats.sends_with_unexpected_amount,
             read_sources: stats.read_sources.clone(),
             readback,
+            timeline: stats.timeline.clone(),
         })
     }
 
