@@ -7,7 +7,7 @@
 //! - `GET /v1/wallet/{user_id}`: the balance, from the site's replica when configured (the
 //!   answer says how stale), from the writer with `?consistency=strong`.
 //! - `POST /v1/wallet/{user_id}/topup`: credit the wallet (idempotent).
-//! - `/healthz` (the process runs), `/readyz` (the database answers), `/metrics`.
+//! - `/healthz` (the process runs), `/readyz` (its site's database answers), `/metrics`.
 //!
 //! `x-shadow: 1` sends a request to the shadow tables, end to end.
 
@@ -513,11 +513,13 @@ async fn send_gift(
             r
         }
         Ok(SendOutcome::PaymentsUnavailable { order, message }) => {
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "error": {"code": "payments_unavailable", "message": message},
-                "order_id": order.order_id,
-                "status": order.status,
             });
+            if let Some(order) = order {
+                body["order_id"] = order.order_id.into();
+                body["status"] = order.status.into();
+            }
             let mut r = json(StatusCode::SERVICE_UNAVAILABLE, body);
             r.headers_mut()
                 .insert("retry-after", HeaderValue::from_static("1"));
@@ -763,10 +765,15 @@ async fn healthz() -> Response {
     json(StatusCode::OK, serde_json::json!({"status": "alive"}))
 }
 
+/// Ready when this instance's own database answers: the site's replica where it has one,
+/// else the primary. The primary in another site being down is a dependency failure (sends
+/// answer 503 payments_unavailable), not this instance's: it still serves reads and the
+/// catalog, and the failover policy must not count it as failed with the site that is.
 async fn readyz(State(state): State<Shared>) -> Response {
+    let local = state.replica.as_ref().unwrap_or(&state.primary);
     let check = tokio::time::timeout(
         Duration::from_millis(500),
-        sqlx::query("SELECT 1").execute(&state.primary),
+        sqlx::query("SELECT 1").execute(local),
     )
     .await;
     match check {

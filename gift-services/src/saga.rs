@@ -31,7 +31,12 @@ pub enum SendOutcome {
     /// The idempotency key belongs to a different gift request.
     KeyReused(Order),
     /// The wallet could not be reached: nobody was charged; retry later with the same key.
-    PaymentsUnavailable { order: Order, message: String },
+    /// Nobody was charged. `order` is absent when the order database itself could not be
+    /// reached (it is the payments database: no order, no debit).
+    PaymentsUnavailable {
+        order: Option<Order>,
+        message: String,
+    },
     /// The wallet may or may not have debited: retry with the same key to find out.
     OutcomeUnknown { order: Order, message: String },
 }
@@ -126,7 +131,20 @@ impl Saga {
 
     /// The request path: creates (or finds) the order and pays for it.
     pub async fn send(&self, new: &NewOrder) -> Result<SendOutcome, GiftError> {
-        let (order, fresh) = match self.orders.create(new).await? {
+        let created = match self.orders.create(new).await {
+            Ok(created) => created,
+            Err(GiftError::InvalidInput(m)) => return Err(GiftError::InvalidInput(m)),
+            // Nothing was written and nothing can be charged without the order database.
+            Err(e) => {
+                return Ok(SendOutcome::PaymentsUnavailable {
+                    order: None,
+                    message: format!(
+                        "the payments database cannot be reached ({e}); nobody was charged"
+                    ),
+                })
+            }
+        };
+        let (order, fresh) = match created {
             Created::Order { order, fresh } => (order, fresh),
             Created::UnknownGift => {
                 return Ok(SendOutcome::Rejected {
@@ -184,7 +202,7 @@ impl Saga {
             // No wallet reached, or none holds the current epoch (a failover is under way):
             // nothing was charged and the order stays open for a retry.
             WalletCall::Unavailable(m) => Ok(SendOutcome::PaymentsUnavailable {
-                order,
+                order: Some(order),
                 message: format!("payments unavailable, nobody was charged: {m}"),
             }),
             WalletCall::Unknown(m) => Ok(SendOutcome::OutcomeUnknown {
