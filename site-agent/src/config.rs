@@ -81,6 +81,20 @@ impl AgentConfig {
             .unwrap_or_else(|| format!("agent-{}", self.site))
     }
 
+    /// How this agent introduces itself to the invoker.
+    pub fn identity(&self) -> crate::session::Identity {
+        crate::session::Identity {
+            agent_id: self.agent_id(),
+            site: self.site.clone(),
+            role: match self.role {
+                Role::Site => invoker_api::pb::AgentRole::Site,
+                Role::Witness => invoker_api::pb::AgentRole::Witness,
+            },
+            invoker_endpoints: self.invoker_endpoints.clone(),
+            bind_ip: self.bind_ip,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), AgentError> {
         let bad = |m: String| Err(AgentError::Config(m));
         if self.site.is_empty() || self.site.len() > 64 {

@@ -3,10 +3,12 @@
 //! disappears when its lease ends).
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, GetOptions};
 use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::AgentError;
 
@@ -48,6 +50,17 @@ pub async fn discover(
     endpoints: &[String],
     timeout: Duration,
 ) -> Result<BTreeMap<(String, String), Instance>, AgentError> {
+    discover_from(site, endpoints, timeout, None).await
+}
+
+/// [`discover`], connecting from `bind_ip` when given (the caller's address in its own
+/// location's range, so that a partition of that range cuts these reads too).
+pub async fn discover_from(
+    site: &str,
+    endpoints: &[String],
+    timeout: Duration,
+    bind_ip: Option<IpAddr>,
+) -> Result<BTreeMap<(String, String), Instance>, AgentError> {
     let fail = |message: String| AgentError::Etcd {
         endpoints: endpoints.join(","),
         message,
@@ -55,9 +68,31 @@ pub async fn discover(
     let options = ConnectOptions::new()
         .with_connect_timeout(timeout)
         .with_timeout(timeout);
-    let mut client = Client::connect(endpoints, Some(options))
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+    let mut client = match bind_ip {
+        None => Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| fail(e.to_string()))?,
+        Some(ip) => {
+            // etcd-client cannot bind a source address itself; a channel built here can.
+            let mut channels = Vec::with_capacity(endpoints.len());
+            for endpoint in endpoints {
+                let e = Endpoint::from_shared(endpoint.clone())
+                    .map_err(|e| fail(format!("{endpoint}: {e}")))?
+                    .connect_timeout(timeout)
+                    .timeout(timeout)
+                    .tcp_nodelay(true)
+                    .local_address(Some(ip));
+                channels.push(e);
+            }
+            if channels.is_empty() {
+                return Err(fail("no endpoints".into()));
+            }
+            let channel = Channel::balance_list(channels.into_iter());
+            Client::from_channel(etcd_client::Channel::Tonic(channel), Some(options))
+                .await
+                .map_err(|e| fail(e.to_string()))?
+        }
+    };
     let found = client
         .get(SERVICES_PREFIX, Some(GetOptions::new().with_prefix()))
         .await

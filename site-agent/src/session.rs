@@ -1,9 +1,13 @@
-//! The agent's side of the session with the invoker leader: hello, then the latest round
+//! An observer's side of the session with the invoker leader: hello, then the latest report
 //! whenever a new one is ready. A follower answers `NotLeader` with the leader's address,
 //! which is tried next; any failure starts over after a capped exponential backoff with
 //! jitter (so agents of a restarted site do not all reconnect in the same millisecond).
-//! Probing goes on regardless: rounds that find no session are simply superseded.
+//! Observing goes on regardless: reports that find no session are simply superseded.
+//!
+//! The site agent (probe rounds) and the edge router (real traffic) both report through it;
+//! each converts its own observations into a [`pb::AgentReport`] before publishing it.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use invoker_api::pb;
@@ -11,7 +15,6 @@ use rand::Rng;
 use tokio::sync::watch;
 use tonic::transport::Endpoint;
 
-use crate::config::{AgentConfig, Role};
 use crate::probe::{DatabaseRole, Round};
 
 const MIN_BACKOFF_MS: u64 = 100;
@@ -68,7 +71,21 @@ pub fn to_report(round: &Round) -> pb::AgentReport {
                 error: p.error.clone().unwrap_or_default(),
             })
             .collect(),
+        edge: Vec::new(),
     }
+}
+
+/// Who reports, and to which invoker nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub agent_id: String,
+    /// The observer's own location (`a`, `b`, `witness`).
+    pub site: String,
+    pub role: pb::AgentRole,
+    /// `host:port` of invoker nodes; the session follows the leader among them.
+    pub invoker_endpoints: Vec<String>,
+    /// Source address of the session, so that a partition of the observer's range cuts it too.
+    pub bind_ip: Option<IpAddr>,
 }
 
 /// How one session attempt ended.
@@ -80,13 +97,14 @@ enum Ended {
     Stopped,
 }
 
-/// Runs sessions until `stop` turns true.
+/// Runs sessions until `stop` turns true, sending each new report published in `reports`
+/// (reports whose `seq` is not above the last one sent are skipped).
 pub async fn run(
-    config: AgentConfig,
-    mut rounds: watch::Receiver<Option<Round>>,
+    identity: Identity,
+    mut reports: watch::Receiver<Option<pb::AgentReport>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    if config.invoker_endpoints.is_empty() {
+    if identity.invoker_endpoints.is_empty() {
         tracing::info!("no invoker_endpoints: not reporting");
         return;
     }
@@ -99,11 +117,11 @@ pub async fn run(
             return;
         }
         let endpoint = redirect.take().unwrap_or_else(|| {
-            let e = config.invoker_endpoints[next % config.invoker_endpoints.len()].clone();
+            let e = identity.invoker_endpoints[next % identity.invoker_endpoints.len()].clone();
             next += 1;
             e
         });
-        match session(&config, &endpoint, &mut rounds, &mut stop, &mut last_seq).await {
+        match session(&identity, &endpoint, &mut reports, &mut stop, &mut last_seq).await {
             Ended::Stopped => return,
             Ended::Redirect(leader) => {
                 tracing::info!(from = %endpoint, to = %leader, "following the leader");
@@ -125,9 +143,9 @@ pub async fn run(
 }
 
 async fn session(
-    config: &AgentConfig,
+    identity: &Identity,
     endpoint: &str,
-    rounds: &mut watch::Receiver<Option<Round>>,
+    reports: &mut watch::Receiver<Option<pb::AgentReport>>,
     stop: &mut watch::Receiver<bool>,
     last_seq: &mut u64,
 ) -> Ended {
@@ -139,7 +157,7 @@ async fn session(
     let channel = match Endpoint::from_shared(url) {
         Ok(e) => match e
             .connect_timeout(Duration::from_millis(500))
-            .local_address(config.bind_ip)
+            .local_address(identity.bind_ip)
             .tcp_nodelay(true)
             .connect()
             .await
@@ -153,12 +171,9 @@ async fn session(
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(4);
     let hello = pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(pb::AgentHello {
-            agent_id: config.agent_id(),
-            site: config.site.clone(),
-            role: match config.role {
-                Role::Site => pb::AgentRole::Site,
-                Role::Witness => pb::AgentRole::Witness,
-            } as i32,
+            agent_id: identity.agent_id.clone(),
+            site: identity.site.clone(),
+            role: identity.role as i32,
             version: env!("CARGO_PKG_VERSION").to_string(),
             last_seq: *last_seq,
         })),
@@ -193,12 +208,12 @@ async fn session(
     }
     loop {
         tokio::select! {
-            changed = rounds.changed() => {
+            changed = reports.changed() => {
                 if changed.is_err() {
                     return Ended::Stopped;
                 }
-                let report = match rounds.borrow_and_update().as_ref() {
-                    Some(round) if round.seq > *last_seq => to_report(round),
+                let report = match reports.borrow_and_update().as_ref() {
+                    Some(report) if report.seq > *last_seq => report.clone(),
                     _ => continue,
                 };
                 let seq = report.seq;

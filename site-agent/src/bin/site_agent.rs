@@ -92,7 +92,11 @@ async fn run(
     let interval = Duration::from_millis(config.probe_interval_ms);
     let (rounds_tx, rounds_rx) = tokio::sync::watch::channel(None);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let session = tokio::spawn(site_agent::session::run(config.clone(), rounds_rx, stop_rx));
+    let session = tokio::spawn(site_agent::session::run(
+        config.identity(),
+        rounds_rx,
+        stop_rx,
+    ));
     let mut prober = Prober::new(config).map_err(|e| Failure::Config(e.to_string()))?;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -129,7 +133,7 @@ async fn run(
             }));
         let seen: Vec<_> = seen.collect();
         // The session sends the newest round; probing never waits for it.
-        rounds_tx.send_replace(Some(round));
+        rounds_tx.send_replace(Some(site_agent::session::to_report(&round)));
         for (name, ok, error) in seen {
             if health.insert(name.clone(), ok) != Some(ok) {
                 if ok {
