@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod lab;
 pub mod loadgen;
+pub mod scenarios;
 
 pub use lab::{
     down_dir, Components, DownReport, Lab, LabDescription, LabError, LabOptions, ProcessInfo,

@@ -34,6 +34,8 @@ pub enum ProcessKind {
     Wallet,
     GiftApi,
     Agent,
+    /// The edge router (HTTP proxy in front of both sites' gift-api).
+    Edge,
 }
 
 impl std::fmt::Display for ProcessKind {
@@ -45,6 +47,7 @@ impl std::fmt::Display for ProcessKind {
             ProcessKind::Wallet => "wallet",
             ProcessKind::GiftApi => "gift-api",
             ProcessKind::Agent => "agent",
+            ProcessKind::Edge => "edge",
         })
     }
 }
@@ -56,7 +59,7 @@ impl ProcessKind {
             ProcessKind::Invoker | ProcessKind::Wallet => "grpc",
             ProcessKind::Etcd => "client",
             ProcessKind::Postgres => "sql",
-            ProcessKind::GiftApi => "http",
+            ProcessKind::GiftApi | ProcessKind::Edge => "http",
             // Agents listen on nothing.
             ProcessKind::Agent => "none",
         }
@@ -170,6 +173,9 @@ pub struct Endpoints {
     /// gift-api base URL (`http://host:port`) per site.
     #[serde(default)]
     pub gift_api: BTreeMap<String, String>,
+    /// The edge router's proxy URL (`http://host:port`), in front of both sites' gift-api.
+    #[serde(default)]
+    pub edge: Option<String>,
 }
 
 /// The content of `DIR/lab.json`.
