@@ -82,6 +82,7 @@ async fn e2e_full_lab_up_is_described_streams_and_down_stops_everything() {
         "wallet-b",
         "gift-api-a",
         "gift-api-b",
+        "edge-router",
     ];
     assert_eq!(names, expected.into_iter().collect());
     for p in &desc.processes {
@@ -117,6 +118,18 @@ async fn e2e_full_lab_up_is_described_streams_and_down_stops_everything() {
     assert!(desc.endpoints.wallet["b"].starts_with("127.0.2.4:"));
     assert!(desc.endpoints.gift_api["a"].starts_with("http://127.0.1.5:"));
     assert!(desc.endpoints.gift_api["b"].starts_with("http://127.0.2.5:"));
+    let edge = desc.endpoints.edge.as_deref().unwrap();
+    assert!(edge.starts_with("http://127.0.3.10:"), "{edge}");
+    assert!(desc
+        .endpoints
+        .edge_admin
+        .as_deref()
+        .unwrap()
+        .starts_with("http://127.0.3.10:"));
+    assert_eq!(
+        lab.process("edge-router").map(|p| p.kind),
+        Some(ProcessKind::Edge)
+    );
     assert_eq!(
         lab.process("wallet-b").map(|p| p.kind),
         Some(ProcessKind::Wallet)
@@ -196,8 +209,8 @@ async fn e2e_down_dir_stops_a_leaked_lab() {
     let tmp = tempfile::tempdir().unwrap();
     let lab = Lab::start(LabOptions::new(tmp.path())).await.unwrap();
     let desc = lab.describe().clone();
-    // Three invokers, two etcd, two PostgreSQL, two wallets, two gift-apis.
-    assert_eq!(desc.processes.len(), 11, "{:?}", desc.processes);
+    // Three invokers, two etcd, two PostgreSQL, two wallets, two gift-apis, the edge router.
+    assert_eq!(desc.processes.len(), 12, "{:?}", desc.processes);
     let pids = all_pids(&desc);
     // Simulates a crash of the process that ran the lab: no Drop, no down.
     std::mem::forget(lab);

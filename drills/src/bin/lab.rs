@@ -5,6 +5,7 @@
 //! lab status [--dir DIR] [--json]
 //! lab endpoints [--dir DIR]                          # comma-separated invoker endpoints
 //! lab endpoints --postgres a | --gift-api b           # one site's database / gift-api URL
+//! lab endpoints --edge                               # the edge router's URL (send traffic here)
 //! lab down [--dir DIR]
 //! ```
 
@@ -67,16 +68,20 @@ enum Command {
         json: bool,
     },
     /// Print the invoker endpoints, comma-separated (for `invokerctl --endpoints`), or with
-    /// --postgres / --gift-api one site's database URL or gift-api URL.
+    /// --postgres / --gift-api one site's database URL or gift-api URL, or with --edge the
+    /// edge router's URL.
     Endpoints {
         #[command(flatten)]
         dir: DirArg,
         /// The PostgreSQL URL of this site (`a` is the primary).
-        #[arg(long, value_name = "SITE", conflicts_with = "gift_api")]
+        #[arg(long, value_name = "SITE", conflicts_with_all = ["gift_api", "edge"])]
         postgres: Option<String>,
         /// The gift-api base URL of this site.
-        #[arg(long, value_name = "SITE")]
+        #[arg(long, value_name = "SITE", conflicts_with = "edge")]
         gift_api: Option<String>,
+        /// The edge router's URL: traffic sent there goes to the site its uid is routed to.
+        #[arg(long)]
+        edge: bool,
     },
     /// Stop every process of the lab (works from the pid files, even after a crash).
     Down {
@@ -112,6 +117,7 @@ async fn main() -> Result<()> {
             dir,
             postgres,
             gift_api,
+            edge,
         } => {
             let desc = load(&dir.dir)?;
             let pick =
@@ -126,6 +132,9 @@ async fn main() -> Result<()> {
             let line = match (postgres, gift_api) {
                 (Some(site), _) => pick(&desc.endpoints.postgres, &site, "PostgreSQL")?,
                 (_, Some(site)) => pick(&desc.endpoints.gift_api, &site, "gift-api")?,
+                _ if edge => desc.endpoints.edge.clone().with_context(|| {
+                    "this lab has no edge router (it runs with the full lab only)".to_string()
+                })?,
                 _ => desc.endpoints.invokers.join(","),
             };
             println!("{line}");
@@ -205,6 +214,12 @@ fn print_summary(desc: &LabDescription) {
     }
     for (site, url) in &desc.endpoints.gift_api {
         println!("gift-api {site}: {url}");
+    }
+    if let Some(url) = &desc.endpoints.edge {
+        println!(
+            "edge router: {url} (admin {})",
+            desc.endpoints.edge_admin.as_deref().unwrap_or("-")
+        );
     }
     if let Some(t) = &desc.topology {
         println!("topology: {}", t.display());

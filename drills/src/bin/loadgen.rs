@@ -3,6 +3,8 @@
 //! ```text
 //! loadgen --url http://127.0.1.5:43210 --rate-per-sec 500 --duration-secs 30 --shadow
 //! loadgen --lab /tmp/gift-lab --rate-per-sec 200 --mix send=90,read=10 --json
+//! loadgen --lab /tmp/gift-lab --direct          # both gift-apis, bypassing the edge router
+//! loadgen --lab /tmp/gift-lab --site b          # site b's gift-api only
 //! ```
 //!
 //! Exit codes: 0 when there were no errors and read-back found every committed order with
@@ -15,7 +17,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::error::ErrorKind;
 use clap::{ArgGroup, Parser};
-use drills::loadgen::{self, LoadgenConfig, LoadgenError, Mix, Spread};
+use drills::loadgen::{self, LabTarget, LoadgenConfig, LoadgenError, Mix, Spread};
 
 /// EX_USAGE from sysexits.h.
 const EXIT_USAGE: u8 = 64;
@@ -36,9 +38,16 @@ struct Args {
     /// gift-api base URL (repeatable: requests are spread over all of them).
     #[arg(long, value_name = "URL")]
     url: Vec<String>,
-    /// Lab directory: use every gift-api endpoint of DIR/lab.json.
+    /// Lab directory: send through the lab's edge router (DIR/lab.json), or to every site's
+    /// gift-api when the lab has no edge.
     #[arg(long, value_name = "DIR")]
     lab: Option<PathBuf>,
+    /// With --lab: every site's gift-api directly, bypassing the edge router.
+    #[arg(long, requires = "lab", conflicts_with = "site")]
+    direct: bool,
+    /// With --lab: this site's gift-api only, directly.
+    #[arg(long, requires = "lab", value_name = "SITE")]
+    site: Option<String>,
     /// How requests are spread over several targets: `user` (a user always goes to the same
     /// target) or `round-robin`.
     #[arg(long, default_value = "user", value_name = "user|round-robin")]
@@ -105,7 +114,14 @@ fn usage_error(message: impl std::fmt::Display) -> ExitCode {
 
 fn config_from(args: Args) -> Result<LoadgenConfig, LoadgenError> {
     let targets = match args.lab {
-        Some(dir) => loadgen::targets_from_lab(&dir)?,
+        Some(dir) => {
+            let target = match (args.direct, args.site) {
+                (_, Some(site)) => LabTarget::Site(site),
+                (true, None) => LabTarget::Direct,
+                (false, None) => LabTarget::Auto,
+            };
+            loadgen::targets_from_lab(&dir, &target)?
+        }
         None => args.url,
     };
     let mut config = LoadgenConfig::new(targets);

@@ -176,6 +176,9 @@ pub struct Endpoints {
     /// The edge router's proxy URL (`http://host:port`), in front of both sites' gift-api.
     #[serde(default)]
     pub edge: Option<String>,
+    /// The edge router's admin URL (`/metrics`, `/readyz`, `/routing`).
+    #[serde(default)]
+    pub edge_admin: Option<String>,
 }
 
 /// The content of `DIR/lab.json`.

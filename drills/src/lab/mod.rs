@@ -16,6 +16,7 @@
 //! | `gift-api-a` | a       | 127.0.1.5 (HTTP; orders on the primary) |
 //! | `gift-api-b` | b       | 127.0.2.5 (HTTP; reads from the replica) |
 //! | `agent-a`, `agent-b`, `agent-witness` | a, b, witness | none (they report to the invoker leader) |
+//! | `edge-router` | witness | 127.0.3.10 (HTTP proxy in front of both gift-apis; admin port) |
 //!
 //! Each child leads its own process group, logs to `DIR/logs/<name>.log`, and is recorded in
 //! `DIR/pids/<name>.pid` the moment it is spawned and in `DIR/lab.json`, so that [`down_dir`]
@@ -24,6 +25,7 @@
 
 mod agents;
 mod describe;
+mod edge;
 mod error;
 mod etcd;
 mod invoker;
@@ -657,6 +659,36 @@ impl Lab {
                 elapsed_ms = ms(started),
                 "lab: gift services serve in both sites"
             );
+
+            // The edge router in front of both gift-apis.
+            let edge_bin = find_bin(edge::NAME)?;
+            let plan_edge = edge::EdgePlan::new()?;
+            let etcds: Vec<(String, String)> = plan
+                .etcds
+                .iter()
+                .map(|e| (e.site.clone(), e.client_url()))
+                .collect();
+            let (spec, info) = plan_edge.spec(&dir, &edge_bin, &endpoints, &etcds)?;
+            {
+                let mut reg = lock(&reg);
+                reg.desc.endpoints.edge = Some(plan_edge.url());
+                reg.desc.endpoints.edge_admin = Some(format!("http://{}", plan_edge.admin));
+                reg.spawn(spec, info)?;
+            }
+            // Without the topology there is no routing table to wait for.
+            let need_table = opts.apply_topology;
+            poll_until(
+                || lock(&reg).check_exited(None),
+                started,
+                deadline,
+                "the edge router to know the routing and instances in a and b",
+                || edge::check(&plan_edge.admin, &sites, need_table),
+            )
+            .await?;
+            tracing::info!(
+                elapsed_ms = ms(started),
+                "lab: the edge router routes to both sites"
+            );
         }
 
         if full && opts.agents {
@@ -811,17 +843,21 @@ impl Lab {
         let started = Instant::now();
         let deadline = started + self.health_timeout;
         let addr = info.main_addr().unwrap_or_default().to_string();
+        let admin = info.listen.get("admin").cloned().unwrap_or_default();
         let what = format!("{} to serve on {addr}", info.name);
         let pg = self.pg.clone();
         let reg = &mut self.reg;
         let check = || reg.check_exited(Some(&info.name));
         poll_until(check, started, deadline, &what, || {
             let addr = addr.clone();
+            let admin = admin.clone();
             let pg = pg.clone();
             let kind = info.kind;
             async move {
                 match (kind, pg) {
                     (ProcessKind::GiftApi, _) => services::http_ready(&addr).await,
+                    // The proxy forwards every path; readiness is on the admin port.
+                    (ProcessKind::Edge, _) => edge::ready(&admin).await,
                     // An agent serves nothing; running is all there is to check.
                     (ProcessKind::Agent, _) => Ok(()),
                     (ProcessKind::Invoker | ProcessKind::Wallet, _) => {

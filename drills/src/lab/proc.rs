@@ -189,7 +189,8 @@ pub(crate) fn graceful_signal(kind: ProcessKind) -> Signal {
         | ProcessKind::Etcd
         | ProcessKind::Wallet
         | ProcessKind::GiftApi
-        | ProcessKind::Agent => Signal::SIGTERM,
+        | ProcessKind::Agent
+        | ProcessKind::Edge => Signal::SIGTERM,
     }
 }
 

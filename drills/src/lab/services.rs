@@ -12,7 +12,7 @@ use super::describe::{ProcessInfo, ProcessKind, LOGS_DIR};
 use super::proc::SpawnSpec;
 use super::{site_ip, LabError};
 
-fn free_addr(site: &str, host: u8) -> Result<String, LabError> {
+pub(crate) fn free_addr(site: &str, host: u8) -> Result<String, LabError> {
     let ip = site_ip(site, host);
     let listener = std::net::TcpListener::bind((ip, 0))
         .map_err(|e| LabError::io(format!("finding a free port on {ip}"), e))?;

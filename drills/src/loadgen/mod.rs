@@ -267,10 +267,30 @@ pub fn random_run_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// Every gift-api base URL of the lab in `dir`, in site order.
-pub fn targets_from_lab(dir: &Path) -> Result<Vec<String>, LoadgenError> {
+/// Where in a lab the load goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LabTarget {
+    /// The edge router when the lab has one (as real clients would), else every gift-api.
+    #[default]
+    Auto,
+    /// Every site's gift-api directly, bypassing the edge.
+    Direct,
+    /// One site's gift-api directly.
+    Site(String),
+}
+
+/// The base URLs to load in the lab in `dir`: see [`LabTarget`]; gift-apis in site order.
+pub fn targets_from_lab(dir: &Path, target: &LabTarget) -> Result<Vec<String>, LoadgenError> {
     let description = LabDescription::load(dir)?;
-    let targets: Vec<String> = description.endpoints.gift_api.into_values().collect();
+    let endpoints = description.endpoints;
+    let targets: Vec<String> = match target {
+        LabTarget::Auto => match endpoints.edge {
+            Some(edge) => vec![edge],
+            None => endpoints.gift_api.into_values().collect(),
+        },
+        LabTarget::Direct => endpoints.gift_api.into_values().collect(),
+        LabTarget::Site(site) => endpoints.gift_api.get(site).cloned().into_iter().collect(),
+    };
     if targets.is_empty() {
         return Err(LoadgenError::NoGiftApi(dir.to_path_buf()));
     }
@@ -1006,12 +1026,12 @@ mod tests {
     #[test]
     fn targets_come_from_the_lab_description() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = targets_from_lab(dir.path()).unwrap_err();
+        let missing = targets_from_lab(dir.path(), &LabTarget::Auto).unwrap_err();
         assert!(matches!(missing, LoadgenError::Lab(_)) && missing.is_usage());
 
         let mut desc = LabDescription::new(dir.path(), crate::lab::Components::Full);
         desc.save().unwrap();
-        let empty = targets_from_lab(dir.path()).unwrap_err();
+        let empty = targets_from_lab(dir.path(), &LabTarget::Auto).unwrap_err();
         assert!(matches!(empty, LoadgenError::NoGiftApi(_)), "{empty}");
 
         desc.endpoints
@@ -1021,12 +1041,30 @@ mod tests {
             .gift_api
             .insert("a".into(), "http://127.0.1.5:1".into());
         desc.save().unwrap();
+        let both = vec![
+            "http://127.0.1.5:1".to_string(),
+            "http://127.0.2.5:2".to_string(),
+        ];
         assert_eq!(
-            targets_from_lab(dir.path()).unwrap(),
-            vec![
-                "http://127.0.1.5:1".to_string(),
-                "http://127.0.2.5:2".to_string()
-            ]
+            targets_from_lab(dir.path(), &LabTarget::Auto).unwrap(),
+            both
         );
+
+        // With an edge router, the load goes through it unless told otherwise.
+        desc.endpoints.edge = Some("http://127.0.3.10:3".into());
+        desc.save().unwrap();
+        assert_eq!(
+            targets_from_lab(dir.path(), &LabTarget::Auto).unwrap(),
+            vec!["http://127.0.3.10:3".to_string()]
+        );
+        assert_eq!(
+            targets_from_lab(dir.path(), &LabTarget::Direct).unwrap(),
+            both
+        );
+        assert_eq!(
+            targets_from_lab(dir.path(), &LabTarget::Site("b".into())).unwrap(),
+            vec!["http://127.0.2.5:2".to_string()]
+        );
+        assert!(targets_from_lab(dir.path(), &LabTarget::Site("c".into())).is_err());
     }
 }
