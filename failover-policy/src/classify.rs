@@ -131,6 +131,28 @@ impl Policy {
                     None => Classification::SiteDown,
                 }
             }
+            // The site's agent is silent and neither remote reaches any of its service
+            // instances, though something there (its database) still answers: its application
+            // tier is down. Two independent observers agree, and the witness's failing too
+            // rules out a mere inter-site partition.
+            (None, _, _)
+                if self.instances_unreachable(&peer, site, now_ms)
+                    && self.instances_unreachable(&witness, site, now_ms) =>
+            {
+                evidence.push(Evidence {
+                    observer: "policy".into(),
+                    probe: format!("site {site}"),
+                    detail: "application tier down: no instance answers the peer or the witness; the database still answers".into(),
+                    observed_at_ms: ms_i64(now_ms),
+                });
+                match self.edge_serving(site, now_ms) {
+                    Some(served) => {
+                        evidence.push(served);
+                        Classification::Isolated
+                    }
+                    None => Classification::SiteDown,
+                }
+            }
             // A dying site's last reports arrive after its probes start failing; only an agent
             // that was reporting when both remotes lost the site, and kept reporting for a
             // whole silence window after, proves the site alive but cut off.
@@ -180,6 +202,20 @@ impl Policy {
                 }
             }
             _ => Remote::Silent,
+        }
+    }
+
+    /// The observer's latest report (within the silence window) probed instances in `site`
+    /// and none answered.
+    fn instances_unreachable(&self, observer: &Observer, site: &str, now_ms: u64) -> bool {
+        let silence_ms = self.config.effective_silence_ms();
+        match self.views.get(&(observer.clone(), site.to_string())) {
+            Some(v) => {
+                now_ms.saturating_sub(v.at_ms) <= silence_ms
+                    && v.instances_total > 0
+                    && v.instances_ok == 0
+            }
+            None => false,
         }
     }
 

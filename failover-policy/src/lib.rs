@@ -25,6 +25,7 @@
 //! |---|---|---|---|
 //! | any | fail | reach | `InterSitePartition`: S is alive, only the link between the sites is down |
 //! | silent | fail | fail | `SiteDown`, or `Isolated` if the edge still sees S serve users |
+//! | silent | no instance of S answers (its database may) | no instance of S answers | `SiteDown` (its application tier is down), or `Isolated` as above |
 //! | reporting since before both lost S, and for a whole silence window after | fail | fail | `Isolated` |
 //! | reporting, but not that long | fail | fail | `Unknown`: a dying site's last reports may still be arriving |
 //! | reporting | reach | any | up: classified per service, below |

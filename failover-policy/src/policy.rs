@@ -141,6 +141,10 @@ pub(crate) struct View {
     pub(crate) at_ms: u64,
     pub(crate) ok: usize,
     pub(crate) total: usize,
+    /// Service instances probed in the site, and how many answered: a site whose database
+    /// answers but whose instances all fail has lost its application tier.
+    pub(crate) instances_ok: usize,
+    pub(crate) instances_total: usize,
 }
 
 /// Consecutive results of one local probe target, with hysteresis: down after
@@ -399,6 +403,8 @@ impl Policy {
                     at_ms,
                     ok,
                     total,
+                    instances_ok: target.instances.iter().filter(|p| p.ok).count(),
+                    instances_total: target.instances.len(),
                 };
                 self.views.insert(key, view);
             }

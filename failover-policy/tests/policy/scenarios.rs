@@ -518,3 +518,42 @@ fn the_same_inputs_give_the_same_outputs() {
     assert!(!decisions(&first).is_empty());
     assert_eq!(first, second);
 }
+
+#[test]
+fn application_tier_down_with_the_database_up_is_site_down() {
+    // The agent alone going silent proves nothing: its instances still answer the others.
+    let mut sim = warm(CONFIG);
+    sim.net.agent_up[0] = false;
+    let outs = sim.run(3_000, 250);
+    assert!(decisions(&outs).is_empty(), "{:?}", labels(&outs));
+    assert_eq!(outs.last().unwrap().sites["a"].class, Unknown);
+
+    // Agent and every instance of site a gone, its database still answering everyone.
+    let mut sim = warm(CONFIG);
+    sim.net.agent_up[0] = false;
+    for service in SERVICES {
+        sim.net.failing.insert((0, service));
+    }
+    let outs = sim.run(3_000, 250);
+    let shift = shifts(&outs);
+    assert_eq!(shift.len(), 1, "{:?}", labels(&outs));
+    assert_eq!(shift[0].service, GIFT);
+    assert_eq!(shift[0].classification, SiteDown);
+    assert!(
+        shift[0]
+            .evidence
+            .iter()
+            .any(|e| e.detail.contains("application tier down")),
+        "{:?}",
+        shift[0].evidence
+    );
+    assert_eq!(sim.share(GIFT)["b"], 1024);
+
+    // The same with the witness still reaching site a's instances: only the peer lost them
+    // (a partition seen from b), so nothing moves.
+    let mut sim = warm(CONFIG);
+    sim.net.agent_up[0] = false;
+    sim.net.partition = true;
+    let outs = sim.run(3_000, 250);
+    assert!(shifts(&outs).is_empty(), "{:?}", labels(&outs));
+}

@@ -94,6 +94,7 @@ pub fn table(version: u64, runs: &[(&str, u32)]) -> RoutingTable {
     RoutingTable {
         version,
         runs: runs.iter().map(|(s, n)| BucketRun::new(*s, *n)).collect(),
+        throttle_max_rps: Default::default(),
     }
 }
 
