@@ -58,6 +58,10 @@ pub struct ApiConfig {
     pub pool_size: u32,
     #[serde(default = "default_statement_timeout_ms")]
     pub statement_timeout_ms: u64,
+    /// Longest wait for a database connection: with the database gone, a request fails
+    /// after this rather than after a whole statement timeout.
+    #[serde(default = "crate::default_acquire_timeout_ms")]
+    pub acquire_timeout_ms: u64,
     /// Deadline of one wallet call; past it the payment outcome is reported unknown.
     #[serde(default = "default_wallet_timeout_ms")]
     pub wallet_timeout_ms: u64,
@@ -166,6 +170,7 @@ impl ApiConfig {
         }
         for (name, ms) in [
             ("statement_timeout_ms", self.statement_timeout_ms),
+            ("acquire_timeout_ms", self.acquire_timeout_ms),
             ("wallet_timeout_ms", self.wallet_timeout_ms),
             ("wallet_connect_timeout_ms", self.wallet_connect_timeout_ms),
             ("effect_timeout_ms", self.effect_timeout_ms),
@@ -839,11 +844,19 @@ pub async fn serve(
         &config.database_url,
         config.pool_size,
         config.statement_timeout_ms,
+        config.acquire_timeout_ms,
     )?;
     let replica = config
         .replica_url
         .as_deref()
-        .map(|url| crate::pool(url, config.pool_size.min(16), config.statement_timeout_ms))
+        .map(|url| {
+            crate::pool(
+                url,
+                config.pool_size.min(16),
+                config.statement_timeout_ms,
+                config.acquire_timeout_ms,
+            )
+        })
         .transpose()?;
     if config.migrate {
         crate::migrate(&primary).await?;

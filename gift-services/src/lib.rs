@@ -104,14 +104,26 @@ impl Traffic {
     }
 }
 
+/// Default longest wait for a pooled connection. Far above a healthy acquire (microseconds
+/// to a few milliseconds) and far below a statement timeout: with the database gone, sqlx
+/// retries connecting until this passes, and callers should hear so quickly.
+pub fn default_acquire_timeout_ms() -> u64 {
+    500
+}
+
 /// A lazily connected pool whose sessions give up on a statement after
 /// `statement_timeout_ms` (the server stops work the client has given up on), and whose
-/// callers wait at most as long for a connection. Lazy: a service starts, not ready, while
-/// the database is down, and recovers by itself when it returns.
-pub fn pool(url: &str, size: u32, statement_timeout_ms: u64) -> Result<sqlx::PgPool, GiftError> {
+/// callers wait at most `acquire_timeout_ms` for a connection. Lazy: a service starts, not
+/// ready, while the database is down, and recovers by itself when it returns.
+pub fn pool(
+    url: &str,
+    size: u32,
+    statement_timeout_ms: u64,
+    acquire_timeout_ms: u64,
+) -> Result<sqlx::PgPool, GiftError> {
     Ok(sqlx::postgres::PgPoolOptions::new()
         .max_connections(size)
-        .acquire_timeout(std::time::Duration::from_millis(statement_timeout_ms))
+        .acquire_timeout(std::time::Duration::from_millis(acquire_timeout_ms))
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 sqlx::query(&format!("SET statement_timeout = {statement_timeout_ms}"))

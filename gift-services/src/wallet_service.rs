@@ -38,6 +38,10 @@ pub struct WalletConfig {
     /// Deadline of one database operation; past it the outcome is reported unknown.
     #[serde(default = "default_statement_timeout_ms")]
     pub statement_timeout_ms: u64,
+    /// Longest wait for a database connection (the database gone: fail fast, not after a
+    /// whole statement timeout).
+    #[serde(default = "crate::default_acquire_timeout_ms")]
+    pub acquire_timeout_ms: u64,
     /// Apply the schema migrations at start (the lab does; production runs them once).
     #[serde(default)]
     pub migrate: bool,
@@ -93,8 +97,8 @@ impl WalletConfig {
                 self.pool_size
             ));
         }
-        if self.statement_timeout_ms == 0 {
-            return bad("statement_timeout_ms must be above 0".into());
+        if self.statement_timeout_ms == 0 || self.acquire_timeout_ms == 0 {
+            return bad("statement_timeout_ms and acquire_timeout_ms must be above 0".into());
         }
         crate::registry::validate_settings(self.instance.as_deref(), self.registration_ttl_secs)
             .map_err(GiftError::Config)?;
@@ -305,6 +309,7 @@ pub async fn serve(
         &config.database_url,
         config.pool_size,
         config.statement_timeout_ms,
+        config.acquire_timeout_ms,
     )?;
     if config.migrate {
         crate::migrate(&pool).await?;
