@@ -120,9 +120,21 @@ impl Policy {
             .get(&local)
             .filter(|o| now_ms.saturating_sub(o.last_at_ms) <= silence_ms);
         let class = match (local_run, p, w) {
-            // The witness reaching the site proves it alive: only the link to the peer is down.
-            (_, Remote::Fail { .. }, Remote::Reach) => Classification::InterSitePartition,
-            (None, Remote::Fail { .. }, Remote::Fail { .. }) => {
+            // The site's agent is silent and neither remote reaches any of its service
+            // instances, though something there (its database) still answers: its application
+            // tier is down. Two independent observers agree, and the witness's failing too
+            // rules out a mere inter-site partition. First: a witness that reaches only the
+            // site's database does not make this a partition.
+            (None, _, _)
+                if self.instances_unreachable(&peer, site, now_ms)
+                    && self.instances_unreachable(&witness, site, now_ms) =>
+            {
+                evidence.push(Evidence {
+                    observer: "policy".into(),
+                    probe: format!("site {site}"),
+                    detail: "application tier down: no instance of the site answers the peer or the witness".into(),
+                    observed_at_ms: ms_i64(now_ms),
+                });
                 match self.edge_serving(site, now_ms) {
                     Some(served) => {
                         evidence.push(served);
@@ -131,20 +143,9 @@ impl Policy {
                     None => Classification::SiteDown,
                 }
             }
-            // The site's agent is silent and neither remote reaches any of its service
-            // instances, though something there (its database) still answers: its application
-            // tier is down. Two independent observers agree, and the witness's failing too
-            // rules out a mere inter-site partition.
-            (None, _, _)
-                if self.instances_unreachable(&peer, site, now_ms)
-                    && self.instances_unreachable(&witness, site, now_ms) =>
-            {
-                evidence.push(Evidence {
-                    observer: "policy".into(),
-                    probe: format!("site {site}"),
-                    detail: "application tier down: no instance answers the peer or the witness; the database still answers".into(),
-                    observed_at_ms: ms_i64(now_ms),
-                });
+            // The witness reaching the site proves it alive: only the link to the peer is down.
+            (_, Remote::Fail { .. }, Remote::Reach) => Classification::InterSitePartition,
+            (None, Remote::Fail { .. }, Remote::Fail { .. }) => {
                 match self.edge_serving(site, now_ms) {
                     Some(served) => {
                         evidence.push(served);
