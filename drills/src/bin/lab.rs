@@ -83,6 +83,17 @@ enum Command {
         #[arg(long)]
         edge: bool,
     },
+    /// SIGKILL every process of one site (a drill): its invoker node, etcd, wallet, gift-api,
+    /// agent and, unless --keep-postgres, its PostgreSQL.
+    Kill {
+        #[command(flatten)]
+        dir: DirArg,
+        #[arg(long)]
+        site: String,
+        /// Leave the site's PostgreSQL running ("application tier hard down").
+        #[arg(long)]
+        keep_postgres: bool,
+    },
     /// Stop every process of the lab (works from the pid files, even after a crash).
     Down {
         #[command(flatten)]
@@ -138,6 +149,19 @@ async fn main() -> Result<()> {
                 _ => desc.endpoints.invokers.join(","),
             };
             println!("{line}");
+            Ok(())
+        }
+        Command::Kill {
+            dir,
+            site,
+            keep_postgres,
+        } => {
+            let killed = drills::lab::kill_site_dir(&dir.dir, &site, keep_postgres)?;
+            if killed.is_empty() {
+                eprintln!("nothing of site {site:?} was running");
+            } else {
+                println!("killed (SIGKILL): {}", killed.join(", "));
+            }
             Ok(())
         }
         Command::Down { dir } => down(&dir.dir),

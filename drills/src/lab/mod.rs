@@ -167,6 +167,38 @@ pub fn down_dir(dir: &Path) -> Result<DownReport, LabError> {
     })
 }
 
+/// SIGKILLs every process of `site` in the lab in `dir` (from `lab.json` and the pid files;
+/// no running lab needed), PostgreSQL too unless `keep_postgres`: a drill's "site down", or
+/// with `keep_postgres` its "application tier hard down". Returns the names killed.
+pub fn kill_site_dir(dir: &Path, site: &str, keep_postgres: bool) -> Result<Vec<String>, LabError> {
+    let desc = LabDescription::load(dir)?;
+    let records = PidRecord::load_all(dir);
+    let mut killed = Vec::new();
+    let mut survivors = Vec::new();
+    for p in desc
+        .processes
+        .iter()
+        .filter(|p| p.site == site && !(keep_postgres && p.kind == ProcessKind::Postgres))
+    {
+        let Some(record) = records.iter().find(|r| r.name == p.name) else {
+            continue;
+        };
+        let target = Target::from(record);
+        if !target.leader.alive() {
+            continue;
+        }
+        if proc::kill_tree(target.leader, target.pgid) {
+            killed.push(p.name.clone());
+        } else {
+            survivors.push(p.name.clone());
+        }
+    }
+    if !survivors.is_empty() {
+        return Err(LabError::StillRunning(survivors));
+    }
+    Ok(killed)
+}
+
 pub(crate) fn lock(reg: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
     // A panic while holding the lock leaves the registry usable: it is plain data.
     reg.lock().unwrap_or_else(PoisonError::into_inner)
