@@ -241,20 +241,31 @@ pub async fn serve(
     );
 
     let mut stop = stop_rx.clone();
-    let early = tokio::select! {
-        _ = stop.wait_for(|s| *s) => None,
-        r = &mut proxy => Some(format!("the proxy server ended: {r:?}")),
-        r = &mut admin => Some(format!("the admin server ended: {r:?}")),
-    };
-    if let Some(why) = early {
-        return Err(EdgeError::Serve(why));
+    // The proxy ends by itself once the stop is set (graceful shutdown), and may be seen ended
+    // before the stop is: an end counts as a failure only while not stopping.
+    let mut proxy_ended = None;
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => {}
+        r = &mut proxy => proxy_ended = Some(r),
+        r = &mut admin => {
+            return Err(EdgeError::Serve(format!("the admin server ended: {r:?}")));
+        }
+    }
+    if let Some(r) = &proxy_ended {
+        if !*stop_rx.borrow() {
+            return Err(EdgeError::Serve(format!("the proxy server ended: {r:?}")));
+        }
     }
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     tracing::info!(
         grace_ms = config.shutdown_grace_ms,
         "stopping: no new connections; letting in-flight requests finish"
     );
-    match tokio::time::timeout(grace, &mut proxy).await {
+    let drained = match proxy_ended {
+        Some(r) => Ok(r),
+        None => tokio::time::timeout(grace, &mut proxy).await,
+    };
+    match drained {
         Ok(Ok(Ok(()))) => {}
         Ok(other) => tracing::warn!("the proxy server ended badly: {other:?}"),
         Err(_) => {
