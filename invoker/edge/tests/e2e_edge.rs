@@ -391,6 +391,25 @@ async fn e2e_edge_routes_by_bucket_follows_a_shift_under_load_and_throttles_one_
         assert_eq!(env.balance(uid).await?.site.as_deref(), Some("b"));
     }
     env.wait_state_file(version).await?;
+
+    phase("the edge's traffic reaches the invoker leader as an observer");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = env
+            .leader()
+            .await?
+            .admin()
+            .get_policy_view(pb::GetPolicyViewRequest {})
+            .await?
+            .into_inner();
+        if view.observers_last_seen_ms.contains_key("edge") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the leader's policy never saw the edge: {view:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     env.lab.down().await?;
     Ok(())
 }
@@ -531,6 +550,26 @@ async fn e2e_edge_serves_from_its_state_file_without_the_control_plane() -> Resu
         .await?;
     env.wait_state_file(version).await?;
 
+    phase("etcd-a stopped: the edge keeps a's last known instance");
+    env.lab.stop("etcd-a").await?;
+    env.wait_routing("a's registry unreadable", |r| {
+        !r["sites"]["a"]["registry_error"].is_null()
+    })
+    .await?;
+    let routing = env.routing().await?;
+    assert_eq!(
+        routing["sites"]["a"]["instances"].as_array().map(Vec::len),
+        Some(1),
+        "{routing}"
+    );
+    let answer = env.balance(50).await?;
+    assert_eq!((answer.status, answer.site.as_deref()), (200, Some("a")));
+    env.lab.restart("etcd-a").await?;
+    env.wait_routing("a's registry readable again", |r| {
+        r["sites"]["a"]["registry_error"].is_null()
+    })
+    .await?;
+
     phase("every invoker stopped: the edge keeps serving");
     for node in ["invoker-1", "invoker-2", "invoker-3"] {
         env.lab.stop(node).await?;
@@ -583,7 +622,10 @@ async fn e2e_edge_serves_from_its_state_file_without_the_control_plane() -> Resu
     .await?;
 
     phase("SIGTERM: the edge stops accepting, finishes what is in flight, exits 0");
-    graceful_stop(&mut env).await?;
+    graceful_stop(&env).await?;
+
+    phase("no table at all (no state file, no invoker reachable): 503 no_routing");
+    no_table(&env).await?;
 
     phase("bad configuration: exit 64 naming the problem");
     let bad = env.lab.dir().join("bad-edge.toml");
@@ -616,50 +658,95 @@ async fn e2e_edge_serves_from_its_state_file_without_the_control_plane() -> Resu
     Ok(())
 }
 
-/// Runs a second edge (its own ports at 127.0.3.11) on the lab, holds a request in flight
-/// (site b's replica frozen, so the balance read waits), sends SIGTERM, and checks that the
-/// request still gets its answer, new connections are refused, and the exit code is 0.
-async fn graceful_stop(env: &mut Env) -> Result<()> {
+/// Writes the config of an extra edge at 127.0.3.11 (free ports) and starts it; returns the
+/// child, its proxy and admin addresses.
+fn extra_edge(
+    env: &Env,
+    name: &str,
+    invokers: &[String],
+) -> Result<(std::process::Child, String, String)> {
     let e = env.lab.describe().endpoints.clone();
     let free = || -> Result<String> {
         let l = std::net::TcpListener::bind("127.0.3.11:0")?;
         Ok(l.local_addr()?.to_string())
     };
     let (proxy, admin) = (free()?, free()?);
-    let config = env.lab.dir().join("edge-2.toml");
+    let config = env.lab.dir().join(format!("{name}.toml"));
     std::fs::write(
         &config,
         format!(
-            "listen_addr = {proxy:?}\nadmin_addr = {admin:?}\nsite = \"witness\"\nagent_id = \"edge-2\"\n\
-             invoker_endpoints = {:?}\nstate_file = {:?}\nbind_ip = \"127.0.3.11\"\n\
+            "listen_addr = {proxy:?}\nadmin_addr = {admin:?}\nsite = \"witness\"\nagent_id = {name:?}\n\
+             invoker_endpoints = {invokers:?}\nstate_file = {:?}\nbind_ip = \"127.0.3.11\"\n\
              [[sites]]\nsite = \"a\"\netcd_endpoints = [{:?}]\n\
              [[sites]]\nsite = \"b\"\netcd_endpoints = [{:?}]\n",
-            e.invokers,
-            env.lab.dir().join("edge-2").join("routing.json").display().to_string(),
+            env.lab.dir().join(name).join("routing.json").display().to_string(),
             e.etcd["a"],
             e.etcd["b"],
         ),
     )?;
-    let log = std::fs::File::create(env.lab.dir().join("edge-2.log"))?;
+    let log = std::fs::File::create(env.lab.dir().join(format!("{name}.log")))?;
     let child = Command::new(env!("CARGO_BIN_EXE_edge-router"))
         .arg("--config")
         .arg(&config)
         .stderr(log.try_clone()?)
         .stdout(log)
         .spawn()?;
-    let ready_deadline = Instant::now() + Duration::from_secs(20);
+    Ok((child, proxy, admin))
+}
+
+/// Waits until `url` answers `status`.
+async fn wait_status(http: &reqwest::Client, url: &str, status: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let ready = env.http.get(format!("http://{admin}/readyz")).send().await;
-        if ready.is_ok_and(|r| r.status() == 200) {
-            break;
+        let answer = http.get(url).send().await;
+        if answer.is_ok_and(|r| r.status() == status) {
+            return Ok(());
         }
-        if Instant::now() > ready_deadline {
-            bail!("the second edge never became ready");
+        if Instant::now() > deadline {
+            bail!("{url} never answered {status}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
 
-    env.lab.pause("postgres-b")?;
+fn sigterm(child: &std::process::Child) -> Result<()> {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    Ok(())
+}
+
+async fn no_table(env: &Env) -> Result<()> {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.3.11:0")?;
+        l.local_addr()?.to_string()
+    };
+    let (child, proxy, admin) = extra_edge(env, "edge-3", &[closed])?;
+    wait_status(&env.http, &format!("http://{admin}/healthz"), 200).await?;
+    // It knows the instances, but has no table: not ready, and says why to every request.
+    wait_status(&env.http, &format!("http://{admin}/readyz"), 503).await?;
+    let answer = env
+        .send(env.http.get(format!("http://{proxy}/v1/wallet/1")))
+        .await?;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.body["error"]["code"], "no_routing");
+    sigterm(&child)?;
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+    let log = std::fs::read_to_string(env.lab.dir().join("edge-3.log"))?;
+    assert_eq!(status.status.code(), Some(0), "{:?}\n{log}", status.status);
+    Ok(())
+}
+
+/// Runs a second edge (its own ports at 127.0.3.11) on the lab, holds a request in flight
+/// (gift-api-b frozen), sends SIGTERM, and checks that the request still gets its answer,
+/// new connections are refused, and the exit code is 0.
+async fn graceful_stop(env: &Env) -> Result<()> {
+    let invokers = env.lab.invoker_endpoints();
+    let (child, proxy, admin) = extra_edge(env, "edge-2", &invokers)?;
+    wait_status(&env.http, &format!("http://{admin}/readyz"), 200).await?;
+
+    // A frozen gift-api holds the request: the kernel takes the connection and the request
+    // bytes, nothing answers until SIGCONT.
+    env.lab.pause("gift-api-b")?;
     let slow = {
         let http = env.http.clone();
         let url = format!("http://{proxy}/v1/wallet/900");
@@ -670,17 +757,19 @@ async fn graceful_stop(env: &mut Env) -> Result<()> {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    sigterm(&child)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let refused = tokio::net::TcpStream::connect(&proxy).await.is_err();
-    env.lab.resume("postgres-b")?;
+    env.lab.resume("gift-api-b")?;
     let (answer, took) = slow.await?;
     let answer = answer.context("the in-flight request got no answer")?;
-    assert_eq!(answer.status(), 200, "the in-flight request finished");
+    let log = std::fs::read_to_string(env.lab.dir().join("edge-2.log"))?;
+    let status = answer.status();
+    let body = answer.text().await?;
+    assert_eq!(status, 200, "the in-flight request finished: {body}\n{log}");
     assert!(
         took >= Duration::from_millis(900),
-        "the request was in flight across the SIGTERM, not done before it ({took:?})"
+        "the request was in flight across the SIGTERM, not done before it ({took:?}): {body}\n{log}"
     );
     assert!(refused, "no new connections after SIGTERM");
     let status = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
