@@ -821,7 +821,9 @@ impl PhaseProbe {
             leader_reports_per_sec,
             leader_accepted_per_sec,
             leader_dropped_per_sec,
-            leader_to_policy_per_sec: leader_accepted_per_sec - leader_dropped_per_sec,
+            // The leader counts a valid report `accepted` when the policy loop took it, `dropped`
+            // when its inbox was full.
+            leader_to_policy_per_sec: leader_accepted_per_sec,
             session_failures: shared.session_failures.load(Ordering::Relaxed) - self.failures,
         })
     }

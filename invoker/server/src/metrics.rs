@@ -102,7 +102,7 @@ impl Metrics {
         );
         registry.register(
             "agent_reports",
-            "Agent reports received by this node, by site and result (accepted, stale_seq, invalid, not_leader)",
+            "Agent reports received by this node, by site and result (accepted: handed to the policy; dropped: valid but the policy loop was behind; stale_seq, invalid, not_leader)",
             agent_reports.clone(),
         );
         registry.register(

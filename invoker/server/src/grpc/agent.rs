@@ -280,15 +280,17 @@ impl pb::agent_session_server::AgentSession for AgentService {
                 };
                 match shape.and_then(|()| check_report(&report, views.last_seq(&agent), &sites)) {
                     Ok(()) => {
-                        count("accepted");
                         views.accept(&agent, report.seq);
                         let observation = if edge {
                             crate::policy_loop::edge_observation(&report, now_ms())
                         } else {
                             crate::policy_loop::observation(&hello.site, &report, now_ms())
                         };
-                        if observations.try_send(observation).is_err() {
-                            // The loop is behind; the next report supersedes this one.
+                        // Valid either way; `dropped` when the loop is behind (the next report
+                        // supersedes this one), so that accepted + dropped = valid reports.
+                        if observations.try_send(observation).is_ok() {
+                            count("accepted");
+                        } else {
                             count("dropped");
                         }
                     }
