@@ -638,12 +638,11 @@ struct Phase {
     reports_sent_per_sec: f64,
     rounds_skipped_send_buffer_full: u64,
     leader_reports_per_sec: Vec<ReportRate>,
-    /// The session's checks passed. The leader counts a report `accepted` before handing it
-    /// to the policy loop, and also `dropped` when the loop's inbox is full.
+    /// Valid reports the policy loop took.
     leader_accepted_per_sec: f64,
-    /// Of those, dropped because the policy loop's inbox was full.
+    /// Valid reports dropped because the policy loop's inbox was full.
     leader_dropped_per_sec: f64,
-    /// Accepted and not dropped: what the policy saw.
+    /// What the policy saw (= accepted).
     leader_to_policy_per_sec: f64,
     session_failures: u64,
 }
