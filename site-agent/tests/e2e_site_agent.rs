@@ -415,17 +415,7 @@ async fn e2e_site_agent_session_follows_the_leader_and_bad_reports_are_refused()
 
 /// gift-api's routing table on the leader: (site, buckets) runs.
 async fn gift_api_routing(lab: &Lab) -> Result<Vec<(String, u32)>> {
-    use invoker_api::pb;
-    let client = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints()).await?;
-    let table = client
-        .admin()
-        .get_routing(pb::GetRoutingRequest {
-            service: "gift-api".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    Ok(table.runs.into_iter().map(|r| (r.site, r.count)).collect())
+    Ok(drills::scenarios::routing(lab, "gift-api").await?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -496,37 +486,6 @@ async fn e2e_policy_shifts_gift_api_away_from_a_failed_instance() -> Result<()> 
     Ok(())
 }
 
-/// Drops traffic between sites a and b (both directions) in an nft table of its own; the
-/// table is deleted on drop so that a failing test never leaves the partition behind.
-struct Partition {
-    table: String,
-}
-
-impl Partition {
-    fn between_a_and_b() -> Result<Partition> {
-        let table = format!("e2e_partition_{}", std::process::id());
-        let script = format!(
-            "add table inet {table}\n\
-             add chain inet {table} out {{ type filter hook output priority 0; }}\n\
-             add rule inet {table} out ip saddr 127.0.1.0/24 ip daddr 127.0.2.0/24 drop\n\
-             add rule inet {table} out ip saddr 127.0.2.0/24 ip daddr 127.0.1.0/24 drop\n"
-        );
-        let path = std::env::temp_dir().join(format!("{table}.nft"));
-        std::fs::write(&path, script)?;
-        let status = Command::new("nft").arg("-f").arg(&path).status()?;
-        anyhow::ensure!(status.success(), "nft -f {} failed", path.display());
-        Ok(Partition { table })
-    }
-}
-
-impl Drop for Partition {
-    fn drop(&mut self) {
-        let _ = Command::new("nft")
-            .args(["delete", "table", "inet", &self.table])
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_policy_does_not_shift_on_an_inter_site_partition() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
@@ -543,7 +502,7 @@ async fn e2e_policy_does_not_shift_on_an_inter_site_partition() -> Result<()> {
     let before = gift_api_routing(&lab).await?;
 
     phase("a and b cannot reach each other; the witness reaches both: 8 s, no shift");
-    let partition = Partition::between_a_and_b()?;
+    let partition = drills::scenarios::Partition::between_a_and_b()?;
     // The partition is real: a's agent reports b unreachable.
     let config_a = write_config(dir.path(), &lab, "a")?;
     let a = once(&config_a)?;

@@ -210,19 +210,6 @@ fn invokerctl(lab: &Lab, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-async fn routing(lab: &Lab, service: &str) -> Result<Vec<(String, u32)>> {
-    let client = InvokerClient::connect_leader(&lab.invoker_endpoints()).await?;
-    let table = client
-        .admin()
-        .get_routing(pb::GetRoutingRequest {
-            service: service.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    Ok(table.runs.into_iter().map(|r| (r.site, r.count)).collect())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_paused_policy_records_what_it_would_do_and_acts_on_resume() -> Result<()> {
     let dir = tempfile::Builder::new()
@@ -241,7 +228,7 @@ async fn e2e_paused_policy_records_what_it_would_do_and_acts_on_resume() -> Resu
     lab.pause("gift-api-a")?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
-        routing(&lab, "gift-api").await?,
+        drills::scenarios::routing(&lab, "gift-api").await?,
         even,
         "a paused policy shifted"
     );
@@ -266,7 +253,7 @@ async fn e2e_paused_policy_records_what_it_would_do_and_acts_on_resume() -> Resu
     invokerctl(&lab, &["resume", "--reason", "e2e: done"])?;
     let resumed = Instant::now();
     loop {
-        if routing(&lab, "gift-api").await? == vec![("b".to_string(), 1024)] {
+        if drills::scenarios::routing(&lab, "gift-api").await? == vec![("b".to_string(), 1024)] {
             break;
         }
         anyhow::ensure!(
@@ -276,7 +263,11 @@ async fn e2e_paused_policy_records_what_it_would_do_and_acts_on_resume() -> Resu
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("shifted {:?} after resume", resumed.elapsed());
-    assert_eq!(routing(&lab, "wallet").await?, even, "the wallet moved");
+    assert_eq!(
+        drills::scenarios::routing(&lab, "wallet").await?,
+        even,
+        "the wallet moved"
+    );
     let view: Value = serde_json::from_str(&invokerctl(&lab, &["--json", "policy"])?)?;
     let recent = view["recent"].as_array().unwrap();
     assert!(
