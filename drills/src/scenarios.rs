@@ -74,6 +74,10 @@ pub struct KillUnderLoad {
     /// From the start of the timed run to the kill.
     pub kill_after: Duration,
     pub victims: Vec<String>,
+    /// SIGSTOP the victims instead of SIGKILL (a hang: connections are accepted and never
+    /// answered, so nothing fails fast and the edge has nothing to re-send). The caller
+    /// resumes them (`Lab::resume`) when it is done.
+    pub freeze: bool,
     /// How long to watch for gift-api's buckets all moving away from site a.
     pub shift_within: Duration,
 }
@@ -117,9 +121,13 @@ pub async fn kill_under_load(
     let killed_at_unix_ms = unix_ms();
     let killed = Instant::now();
     for victim in &plan.victims {
-        lab.kill(victim)?;
+        if plan.freeze {
+            lab.pause(victim)?;
+        } else {
+            lab.kill(victim)?;
+        }
     }
-    tracing::info!(victims = ?plan.victims, "scenario: killed");
+    tracing::info!(victims = ?plan.victims, freeze = plan.freeze, "scenario: victims down");
     let shift_after = wait_for_routing(lab, "gift-api", "b", killed, plan.shift_within).await;
     let report = traffic
         .await

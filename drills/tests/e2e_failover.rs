@@ -66,6 +66,7 @@ async fn e2e_failover_site_a_application_tier_hard_down_moves_all_traffic_to_b()
         load: load(&edge, 50, 12, Mix::default()),
         kill_after: Duration::from_secs(3),
         victims,
+        freeze: false,
         shift_within: Duration::from_secs(15),
     };
     let outcome = scenarios::kill_under_load(&mut lab, &plan).await?;
@@ -156,6 +157,7 @@ async fn e2e_failover_site_a_entirely_down_reads_recover_and_sends_fail_fast() -
         load: reads,
         kill_after: Duration::from_secs(3),
         victims: scenarios::site_a_entirely(&lab),
+        freeze: false,
         shift_within: Duration::from_secs(15),
     };
     let outcome = scenarios::kill_under_load(&mut lab, &plan).await?;

@@ -31,6 +31,10 @@ use serde::Serialize;
 struct Args {
     #[arg(long, default_value_t = 10)]
     runs: u32,
+    /// Runs of the second scenario: gift-api-a frozen (SIGSTOP), where the edge cannot
+    /// re-send (nothing fails fast) and recovery waits for the policy's shift.
+    #[arg(long, default_value_t = 10)]
+    freeze_runs: u32,
     /// Offered requests per second through the edge (default mix: sends, reads, top-ups).
     #[arg(long, default_value_t = 100)]
     rate_per_sec: u64,
@@ -81,6 +85,9 @@ struct Report {
     rto_max_ms: u64,
     shift_p50_ms: Option<u64>,
     shift_max_ms: Option<u64>,
+    freeze_runs: Vec<Run>,
+    freeze_rto_p50_ms: u64,
+    freeze_rto_max_ms: u64,
     no_shift_scenarios: Vec<ShiftCount>,
 }
 
@@ -110,14 +117,20 @@ async fn fund(edge: &str, args: &Args) -> Result<()> {
     Ok(())
 }
 
-async fn one_run(dir: &Path, args: &Args) -> Result<Run> {
+async fn one_run(dir: &Path, args: &Args, freeze: bool) -> Result<Run> {
     let (mut lab, edge) = fresh_lab(dir).await?;
     let result = async {
         fund(&edge, args).await?;
+        let victims = if freeze {
+            vec!["gift-api-a".to_string()]
+        } else {
+            scenarios::site_a_application_tier(&lab)
+        };
         let plan = KillUnderLoad {
             load: load(&edge, args, args.duration_secs),
             kill_after: Duration::from_secs(args.kill_after_secs),
-            victims: scenarios::site_a_application_tier(&lab),
+            victims,
+            freeze,
             shift_within: Duration::from_secs(15),
         };
         let outcome = scenarios::kill_under_load(&mut lab, &plan).await?;
@@ -134,8 +147,18 @@ async fn one_run(dir: &Path, args: &Args) -> Result<Run> {
         })
     }
     .await;
+    if freeze {
+        lab.resume("gift-api-a")?;
+    }
     lab.down().await?;
     result
+}
+
+fn summary(label: &str, i: u32, of: u32, run: &Run, took: Duration) {
+    eprintln!(
+        "{label} run {i}/{of}: RTO {} ms, {} of {} failed after the event, shift after {:?} ms ({took:?} in all)",
+        run.rto_ms, run.failed_after_kill, run.requests_after_kill, run.shift_ms
+    );
 }
 
 async fn partition(dir: &Path, args: &Args) -> Result<ShiftCount> {
@@ -225,17 +248,22 @@ async fn main() -> Result<()> {
     let mut runs = Vec::new();
     for i in 1..=args.runs {
         let started = Instant::now();
-        let run = one_run(&base.join(format!("run-{i}")), &args).await?;
-        eprintln!(
-            "run {i}/{}: RTO {} ms, {} of {} failed after the kill, shift after {:?} ms ({:?} in all)",
-            args.runs,
-            run.rto_ms,
-            run.failed_after_kill,
-            run.requests_after_kill,
-            run.shift_ms,
-            started.elapsed()
-        );
+        let run = one_run(&base.join(format!("run-{i}")), &args, false).await?;
+        summary("tier-down", i, args.runs, &run, started.elapsed());
         runs.push(run);
+    }
+    let mut freeze_runs = Vec::new();
+    for i in 1..=args.freeze_runs {
+        let started = Instant::now();
+        let run = one_run(&base.join(format!("freeze-{i}")), &args, true).await?;
+        summary(
+            "gift-api-a frozen",
+            i,
+            args.freeze_runs,
+            &run,
+            started.elapsed(),
+        );
+        freeze_runs.push(run);
     }
     let mut no_shift = Vec::new();
     if !args.skip_partition {
@@ -268,6 +296,8 @@ async fn main() -> Result<()> {
     rtos.sort_unstable();
     let mut shifts: Vec<u64> = runs.iter().filter_map(|r| r.shift_ms).collect();
     shifts.sort_unstable();
+    let mut freeze_rtos: Vec<u64> = freeze_runs.iter().map(|r| r.rto_ms).collect();
+    freeze_rtos.sort_unstable();
     let report = Report {
         machine: machine(),
         rate_per_sec: args.rate_per_sec,
@@ -277,6 +307,9 @@ async fn main() -> Result<()> {
         shift_p50_ms: (!shifts.is_empty()).then(|| percentile(&shifts, 0.5)),
         shift_max_ms: shifts.last().copied(),
         runs,
+        freeze_rto_p50_ms: percentile(&freeze_rtos, 0.5),
+        freeze_rto_max_ms: freeze_rtos.last().copied().unwrap_or(0),
+        freeze_runs,
         no_shift_scenarios: no_shift,
     };
     println!();
@@ -306,6 +339,16 @@ async fn main() -> Result<()> {
         "RTO p50 {} ms, max {} ms (goal: p50 <= 2000, max <= 3000); shift p50 {:?} ms, max {:?} ms; detection floor {} ms",
         report.rto_p50_ms, report.rto_max_ms, report.shift_p50_ms, report.shift_max_ms, report.detection_floor_ms
     );
+    if !report.freeze_runs.is_empty() {
+        println!(
+            "gift-api-a frozen (SIGSTOP), {} runs: RTO p50 {} ms, max {} ms; RTOs {:?}; shifts {:?}",
+            report.freeze_runs.len(),
+            report.freeze_rto_p50_ms,
+            report.freeze_rto_max_ms,
+            report.freeze_runs.iter().map(|r| r.rto_ms).collect::<Vec<_>>(),
+            report.freeze_runs.iter().map(|r| r.shift_ms).collect::<Vec<_>>()
+        );
+    }
     for s in &report.no_shift_scenarios {
         println!(
             "{}: {} automatic shifts ({} requests, {} errors)",
