@@ -200,6 +200,40 @@ async fn e2e_failover_site_a_entirely_down_reads_recover_and_sends_fail_fast() -
         keys.push(key);
     }
 
+    phase("a wallet failover proposal is pending, with its data-loss estimate; nothing moved");
+    let out = std::process::Command::new(drills::lab::find_bin("invokerctl")?)
+        .args([
+            "--json",
+            "--endpoints",
+            &lab.invoker_endpoints().join(","),
+            "proposals",
+        ])
+        .output()?;
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+    let proposals = listed["proposals"].as_array().context("proposals")?;
+    assert_eq!(proposals.len(), 1, "{listed:#}");
+    let proposal = &proposals[0];
+    assert_eq!(proposal["service"], "wallet", "{proposal:#}");
+    assert_eq!(proposal["kind"], "failover a -> b", "{proposal:#}");
+    let loss = &proposal["data_loss"];
+    assert!(
+        loss["primary_last_lsn"].as_u64().unwrap_or(0) > 0,
+        "{proposal:#}"
+    );
+    assert!(
+        loss["replica_receive_lsn"].as_u64().unwrap_or(0) > 0,
+        "{proposal:#}"
+    );
+    let age_ms = proposal["created_at_ms"].as_i64().unwrap_or(0) - outcome.killed_at_unix_ms as i64;
+    eprintln!("proposal opened {age_ms} ms after the kill: {loss}");
+    let wallet = scenarios::routing(&lab, "wallet").await?;
+    assert_eq!(
+        wallet.len(),
+        2,
+        "the wallet's routing was not touched: {wallet:?}"
+    );
+
     phase("PostgreSQL a back: none of those sends left an order or a debit");
     lab.restart("postgres-a").await?;
     let list = keys

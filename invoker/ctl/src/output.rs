@@ -485,7 +485,15 @@ pub fn proposals(r: &pb::ListProposalsResponse, as_json: bool) -> Result<()> {
                 "data_loss": p.data_loss.as_ref().map(|l| json!({
                     "gap_bytes": l.gap_bytes, "ledger_sequence_gap": l.ledger_sequence_gap,
                     "primary_last_seen_ms": l.primary_last_seen_ms,
+                    "primary_last_lsn": l.primary_last_lsn,
+                    "replica_receive_lsn": l.replica_receive_lsn,
+                    "replica_replay_lsn": l.replica_replay_lsn,
                 })),
+                "evidence": p.evidence.iter().map(|e| json!({
+                    "observer": e.observer, "probe": e.probe, "detail": e.detail,
+                    "observed_at_ms": e.observed_at_ms,
+                })).collect::<Vec<_>>(),
+                "reason": p.reason, "actor": p.actor,
             })).collect::<Vec<_>>(),
         }));
     }
@@ -493,13 +501,47 @@ pub fn proposals(r: &pb::ListProposalsResponse, as_json: bool) -> Result<()> {
         println!("no proposals");
     }
     for p in &r.proposals {
+        let status = pb::ProposalStatus::try_from(p.status)
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("PROPOSAL_STATUS_")
+                    .to_lowercase()
+            })
+            .unwrap_or_else(|_| "unknown".into());
         println!(
-            "#{:<4} {:<16} {:<10} created {}",
+            "#{:<4} {:<18} {:<10} {:<9} created {}  expires {}",
             p.id,
             p.kind,
             p.service,
-            invoker_domain::format_utc_ms(p.created_at_ms)
+            status,
+            invoker_domain::format_utc_ms(p.created_at_ms),
+            invoker_domain::format_utc_ms(p.expires_at_ms)
         );
+        if let Some(l) = &p.data_loss {
+            println!(
+                "      could lose: {} bytes of WAL (primary at {}, replica received {}, replayed {}), {} ledger entries; primary last seen {}",
+                l.gap_bytes,
+                l.primary_last_lsn,
+                l.replica_receive_lsn,
+                l.replica_replay_lsn,
+                l.ledger_sequence_gap,
+                if l.primary_last_seen_ms > 0 {
+                    invoker_domain::format_utc_ms(l.primary_last_seen_ms)
+                } else {
+                    "never".into()
+                }
+            );
+        }
+        println!("      why: {}", truncate(&p.reason, 90));
+        for e in p.evidence.iter().take(6) {
+            println!(
+                "      {} {}: {}",
+                e.observer,
+                e.probe,
+                truncate(&e.detail, 70)
+            );
+        }
+        println!("      digest {} (term {})", p.digest, p.term);
     }
     Ok(())
 }

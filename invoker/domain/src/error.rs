@@ -41,6 +41,12 @@ pub enum DomainError {
     StatelessWithWriter(String),
     #[error("a throttle of 0 requests per second would refuse every request of site {site:?}; lift it instead")]
     ZeroThrottle { site: String },
+    #[error(
+        "service {0:?} is not strong: only a strong service's writer is proposed for failover"
+    )]
+    NotStrong(String),
+    #[error("stale or invalid failover proposal: {0}")]
+    StaleProposal(String),
     #[error("invalid topology file: {0}")]
     TopologyParse(String),
 }

@@ -44,6 +44,21 @@ pub enum Command {
     /// Pause (dry-run: decide, record "would ...", act on nothing) or resume the failover
     /// policy. Replicated, so a new leader keeps the mode.
     SetPolicyPaused { paused: bool },
+    /// Open a failover proposal for a strong service: its writer should move from
+    /// `from_site` to `to_site`. Only a human approval executes it. Refused unless the writer
+    /// is still at `from_site` with `writer_epoch` (a stale proposal changes nothing); while
+    /// an unexpired proposal for the service is pending, a new one is not opened.
+    ProposeFailover {
+        service: String,
+        from_site: String,
+        to_site: String,
+        writer_epoch: u64,
+        evidence: Vec<crate::Evidence>,
+        data_loss: crate::DataLossEstimate,
+        /// Raft term of the leader that proposes (approvals are bound to it).
+        term: u64,
+        ttl_ms: u64,
+    },
     /// Record an action taken outside the state machine (a membership change) in the audit log.
     RecordAudit {
         action: String,
@@ -60,6 +75,7 @@ impl Command {
             Command::SetRouting { .. } => "set_routing",
             Command::SetThrottle { .. } => "set_throttle",
             Command::SetPolicyPaused { .. } => "set_policy_paused",
+            Command::ProposeFailover { .. } => "propose_failover",
             Command::RecordAudit { .. } => "record_audit",
         }
     }
@@ -89,6 +105,11 @@ pub enum Outcome {
     PolicyMode {
         paused: bool,
         changed: bool,
+    },
+    /// The proposal now pending for the service; `created` is false when it was already open.
+    Proposal {
+        id: u64,
+        created: bool,
     },
 }
 
@@ -148,6 +169,28 @@ impl State {
                 max_rps,
             } => self.set_throttle(service, site, *max_rps),
             Command::SetPolicyPaused { paused } => Ok(self.set_policy_paused(*paused)),
+            Command::ProposeFailover {
+                service,
+                from_site,
+                to_site,
+                writer_epoch,
+                evidence,
+                data_loss,
+                term,
+                ttl_ms,
+            } => self.propose_failover(
+                request,
+                FailoverProposal {
+                    service,
+                    from_site,
+                    to_site,
+                    writer_epoch: *writer_epoch,
+                    evidence,
+                    data_loss,
+                    term: *term,
+                    ttl_ms: *ttl_ms,
+                },
+            ),
             Command::RecordAudit {
                 action,
                 before,
@@ -307,6 +350,82 @@ impl State {
                 table,
             }],
             audit: vec![(format!("throttle.set {service} {site}"), before, after)],
+        })
+    }
+
+    fn propose_failover(
+        &mut self,
+        request: &Request,
+        p: FailoverProposal<'_>,
+    ) -> Result<Applied, DomainError> {
+        let service = self
+            .services
+            .get(p.service)
+            .ok_or_else(|| DomainError::UnknownService(p.service.to_string()))?;
+        if service.class != crate::ServiceClass::Strong {
+            return Err(DomainError::NotStrong(p.service.to_string()));
+        }
+        self.check_traffic_site(p.to_site)?;
+        if p.from_site == p.to_site {
+            return Err(DomainError::StaleProposal(format!(
+                "the writer cannot move from {:?} to itself",
+                p.to_site
+            )));
+        }
+        let writer = self
+            .writers
+            .get(p.service)
+            .ok_or_else(|| DomainError::StrongWithoutWriter(p.service.to_string()))?;
+        if writer.site != p.from_site || writer.epoch != p.writer_epoch {
+            return Err(DomainError::StaleProposal(format!(
+                "the writer of {:?} is at {:?} epoch {}, not {:?} epoch {}",
+                p.service, writer.site, writer.epoch, p.from_site, p.writer_epoch
+            )));
+        }
+        if p.ttl_ms == 0 {
+            return Err(DomainError::StaleProposal("ttl_ms must be above 0".into()));
+        }
+        let open = self.proposals.values().find(|q| {
+            q.service == p.service
+                && q.status == crate::ProposalStatus::Pending
+                && q.expires_at_ms > request.at_ms
+        });
+        if let Some(open) = open {
+            return Ok(Applied::outcome(Outcome::Proposal {
+                id: open.id,
+                created: false,
+            }));
+        }
+        let id = self.proposals.keys().next_back().copied().unwrap_or(0) + 1;
+        let kind = format!("failover {} -> {}", p.from_site, p.to_site);
+        let expires_at_ms = request
+            .at_ms
+            .saturating_add(i64::try_from(p.ttl_ms).unwrap_or(i64::MAX));
+        let mut proposal = Proposal {
+            id,
+            kind,
+            service: p.service.to_string(),
+            status: crate::ProposalStatus::Pending,
+            created_at_ms: request.at_ms,
+            expires_at_ms,
+            evidence: p.evidence.to_vec(),
+            data_loss: Some(p.data_loss.clone()),
+            approvals: Vec::new(),
+            digest: String::new(),
+            term: p.term,
+            actor: request.actor.clone(),
+            reason: request.reason.clone(),
+        };
+        proposal.digest = proposal_digest(&proposal, p.writer_epoch);
+        self.proposals.insert(id, proposal.clone());
+        let after = format!(
+            "#{id} {} epoch {} (gap {} bytes, {} ledger entries)",
+            proposal.kind, p.writer_epoch, p.data_loss.gap_bytes, p.data_loss.ledger_sequence_gap
+        );
+        Ok(Applied {
+            outcome: Outcome::Proposal { id, created: true },
+            changes: vec![Change::Proposal(proposal)],
+            audit: vec![(format!("proposal.create {}", p.service), "-".into(), after)],
         })
     }
 
@@ -496,6 +615,45 @@ impl State {
     }
 }
 
+/// The fields of [`Command::ProposeFailover`], borrowed.
+struct FailoverProposal<'a> {
+    service: &'a str,
+    from_site: &'a str,
+    to_site: &'a str,
+    writer_epoch: u64,
+    evidence: &'a [crate::Evidence],
+    data_loss: &'a crate::DataLossEstimate,
+    term: u64,
+    ttl_ms: u64,
+}
+
+/// What an approval is bound to: a digest of everything the approver was shown (FNV-1a over
+/// a canonical rendering; stable across builds and platforms, no dependency).
+fn proposal_digest(p: &Proposal, writer_epoch: u64) -> String {
+    let loss = p.data_loss.clone().unwrap_or_default();
+    let text = format!(
+        "{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+        p.id,
+        p.kind,
+        p.service,
+        writer_epoch,
+        p.created_at_ms,
+        p.expires_at_ms,
+        p.term,
+        loss.primary_last_lsn,
+        loss.replica_receive_lsn,
+        loss.replica_replay_lsn,
+        loss.gap_bytes,
+        loss.ledger_sequence_gap
+    );
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
 struct Applied {
     outcome: Outcome,
     changes: Vec<Change>,
@@ -523,6 +681,20 @@ fn validate_request(request: &Request) -> Result<(), DomainError> {
             validate_id("site", site)?;
         }
         Command::SetPolicyPaused { .. } => {}
+        Command::ProposeFailover {
+            service,
+            from_site,
+            to_site,
+            evidence,
+            ..
+        } => {
+            validate_id("service name", service)?;
+            validate_id("site", from_site)?;
+            validate_id("site", to_site)?;
+            for e in evidence {
+                validate_text("evidence", &e.detail, false)?;
+            }
+        }
         Command::RecordAudit {
             action,
             before,
@@ -841,5 +1013,111 @@ mod tests {
         ));
         assert!(changes.is_empty());
         assert_eq!(state.revision, 30);
+    }
+
+    fn proposal(epoch: u64, at_ms: i64) -> Request {
+        Request {
+            actor: "policy".into(),
+            reason: "site a down".into(),
+            at_ms,
+            command: Command::ProposeFailover {
+                service: "wallet".into(),
+                from_site: "a".into(),
+                to_site: "b".into(),
+                writer_epoch: epoch,
+                evidence: vec![crate::Evidence {
+                    observer: "agent-b".into(),
+                    probe: "site a".into(),
+                    detail: "unreachable".into(),
+                    observed_at_ms: at_ms,
+                }],
+                data_loss: crate::DataLossEstimate {
+                    primary_last_lsn: 5_000,
+                    replica_receive_lsn: 4_800,
+                    replica_replay_lsn: 4_700,
+                    gap_bytes: 200,
+                    primary_last_seen_ms: at_ms - 900,
+                    ledger_sequence_gap: 3,
+                },
+                term: 7,
+                ttl_ms: 60_000,
+            },
+        }
+    }
+
+    #[test]
+    fn a_failover_proposal_is_opened_once_and_carries_its_estimate() {
+        let mut state = lab_state();
+        let (resp, changes) = state.apply(40, &proposal(1, 1_000_000));
+        assert_eq!(
+            resp,
+            Response::Applied(Outcome::Proposal {
+                id: 1,
+                created: true
+            })
+        );
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        let p = &state.proposals[&1];
+        assert_eq!(p.status, crate::ProposalStatus::Pending);
+        assert_eq!(p.kind, "failover a -> b");
+        assert_eq!(p.term, 7);
+        assert_eq!(p.expires_at_ms, 1_060_000);
+        assert_eq!(p.data_loss.as_ref().unwrap().ledger_sequence_gap, 3);
+        assert_eq!(p.digest.len(), 16);
+        assert_eq!(state.audit.back().unwrap().action, "proposal.create wallet");
+        // The writer did not move: a proposal executes nothing.
+        assert_eq!(state.writers["wallet"].site, "a");
+
+        // The leader deciding again while it is pending opens nothing new.
+        let before = state.clone();
+        let (resp, changes) = state.apply(41, &proposal(1, 1_030_000));
+        assert_eq!(
+            resp,
+            Response::Applied(Outcome::Proposal {
+                id: 1,
+                created: false
+            })
+        );
+        assert!(changes.is_empty());
+        assert_eq!(state, before);
+
+        // Once it has expired, a new one can be opened, with its own digest.
+        let (resp, _) = state.apply(42, &proposal(1, 1_061_000));
+        assert_eq!(
+            resp,
+            Response::Applied(Outcome::Proposal {
+                id: 2,
+                created: true
+            })
+        );
+        assert_ne!(state.proposals[&1].digest, state.proposals[&2].digest);
+    }
+
+    #[test]
+    fn stale_or_wrong_failover_proposals_are_refused_and_change_nothing() {
+        let mut state = lab_state();
+        let before = state.clone();
+        let mut cases = vec![(proposal(2, 1_000), "StaleProposal")];
+        let mut stateless = proposal(1, 1_000);
+        if let Command::ProposeFailover { service, .. } = &mut stateless.command {
+            *service = "gift-api".into();
+        }
+        cases.push((stateless, "NotStrong"));
+        let mut to_witness = proposal(1, 1_000);
+        if let Command::ProposeFailover { to_site, .. } = &mut to_witness.command {
+            *to_site = "witness".into();
+        }
+        cases.push((to_witness, "WitnessSite"));
+        let mut from_b = proposal(1, 1_000);
+        if let Command::ProposeFailover { from_site, .. } = &mut from_b.command {
+            *from_site = "b".into();
+        }
+        cases.push((from_b, "StaleProposal"));
+        for (request, expected) in cases {
+            let (resp, changes) = state.apply(50, &request);
+            assert!(format!("{resp:?}").contains(expected), "{resp:?}");
+            assert!(changes.is_empty());
+        }
+        assert_eq!(state, before);
     }
 }

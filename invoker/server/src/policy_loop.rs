@@ -223,9 +223,42 @@ fn reason(decision: &Decision) -> String {
     text.chars().take(invoker_domain::MAX_TEXT_LEN).collect()
 }
 
-/// What to commit for a decision: the routing change, or an audit record of the notice.
-fn command(decision: &Decision, state: &State) -> Command {
+/// How long a failover proposal stays open for approval.
+pub const PROPOSAL_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// What to commit for a decision: the routing change, the throttle, the failover proposal,
+/// or an audit record of the notice. `term` is the proposing leader's.
+fn command(decision: &Decision, state: &State, term: u64) -> Command {
     match &decision.action {
+        Action::ProposeFailover {
+            from_site,
+            to_site,
+            writer_epoch,
+            data_loss,
+        } if !decision.dry_run => Command::ProposeFailover {
+            service: decision.service.clone(),
+            from_site: from_site.clone(),
+            to_site: to_site.clone(),
+            writer_epoch: *writer_epoch,
+            // Bounded like every text of the log; the rest stays in the leader's view.
+            evidence: decision
+                .evidence
+                .iter()
+                .take(16)
+                .cloned()
+                .map(|mut e| {
+                    e.detail = e
+                        .detail
+                        .chars()
+                        .take(invoker_domain::MAX_TEXT_LEN)
+                        .collect();
+                    e
+                })
+                .collect(),
+            data_loss: data_loss.clone(),
+            term,
+            ttl_ms: PROPOSAL_TTL_MS,
+        },
         Action::ShiftBuckets { new_runs, .. } | Action::Failback { new_runs, .. }
             if !decision.dry_run =>
         {
@@ -463,7 +496,7 @@ async fn commit(node: &Node, policy: &mut Policy, state: &State, decision: Decis
         actor: "policy".into(),
         reason: reason(&decision),
         at_ms: i64::try_from(now).unwrap_or(i64::MAX),
-        command: command(&decision, state),
+        command: command(&decision, state, node.raft_metrics().current_term),
     };
     let label = decision.label();
     tracing::warn!(service = %decision.service, decision = %label, "failover policy decided");
