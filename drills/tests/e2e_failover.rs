@@ -305,3 +305,134 @@ async fn e2e_failover_gift_api_a_not_ready_shifts_gift_api_only() -> Result<()> 
     lab.down().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_failover_proposal_approvals_are_authenticated_bound_and_audited() -> Result<()> {
+    use invoker_api::pb;
+    let (_dir, mut lab) = full_lab("e2e-approve-").await?;
+    let oncall = lab
+        .describe()
+        .oncall
+        .clone()
+        .context("the lab's on-call operator")?;
+    let token = std::fs::read_to_string(&oncall.token_file)?
+        .trim()
+        .to_string();
+
+    phase("site A entirely down: a wallet failover proposal opens");
+    let killed = Instant::now();
+    for victim in scenarios::site_a_entirely(&lab) {
+        lab.kill(&victim)?;
+    }
+    let client = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints()).await?;
+    let (proposal, term) = loop {
+        let listed = client
+            .admin()
+            .list_proposals(pb::ListProposalsRequest { pending_only: true })
+            .await?
+            .into_inner();
+        if let Some(p) = listed.proposals.first() {
+            break (p.clone(), listed.term);
+        }
+        anyhow::ensure!(killed.elapsed() < Duration::from_secs(15), "no proposal");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("proposal #{} after {:?}", proposal.id, killed.elapsed());
+    let approve =
+        |approver: &str, credential: &str, digest: &str, term: u64| pb::ApproveProposalRequest {
+            id: proposal.id,
+            digest: digest.into(),
+            term,
+            approver: approver.into(),
+            credential: credential.into(),
+        };
+
+    phase("refused: an unknown identity, a wrong token, a stale digest, a term since changed");
+    let mut admin = client.admin();
+    let refusals = [
+        (
+            approve("mallory", &token, &proposal.digest, term),
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            approve(&oncall.operator, "not-the-token", &proposal.digest, term),
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            approve(&oncall.operator, &token, "0123456789abcdef", term),
+            tonic::Code::FailedPrecondition,
+        ),
+        (
+            approve(&oncall.operator, &token, &proposal.digest, term - 1),
+            tonic::Code::FailedPrecondition,
+        ),
+    ];
+    for (request, code) in refusals {
+        let err = admin.approve_proposal(request).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        eprintln!("refused: {}", err.message());
+    }
+
+    phase("invokerctl approve by the on-call operator: approved, and a replay is refused");
+    let out = std::process::Command::new(drills::lab::find_bin("invokerctl")?)
+        .args(["--endpoints", &lab.invoker_endpoints().join(",")])
+        .args([
+            "approve",
+            &proposal.id.to_string(),
+            "--yes",
+            "--operator",
+            &oncall.operator,
+        ])
+        .arg("--token-file")
+        .arg(&oncall.token_file)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("could lose"),
+        "the estimate was shown: {stdout}"
+    );
+    assert!(stdout.contains("is approved"), "{stdout}");
+    let replay = admin
+        .approve_proposal(approve(&oncall.operator, &token, &proposal.digest, term))
+        .await
+        .unwrap_err();
+    assert_eq!(replay.code(), tonic::Code::FailedPrecondition, "{replay:?}");
+
+    phase("every refusal and the approval are in the audit log");
+    let audit = admin
+        .list_audit(pb::ListAuditRequest {
+            limit: 100,
+            before_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let id = proposal.id;
+    let actions: Vec<(String, String)> = audit
+        .entries
+        .iter()
+        .filter(|e| e.action.contains(&format!("#{id}")))
+        .map(|e| (e.action.clone(), e.actor.clone()))
+        .collect();
+    let refused = actions
+        .iter()
+        .filter(|(a, _)| a.ends_with("refused"))
+        .count();
+    assert_eq!(refused, 5, "{actions:?}");
+    assert!(
+        actions
+            .iter()
+            .any(|(a, who)| a == &format!("proposal.approve #{id}") && who == &oncall.operator),
+        "{actions:?}"
+    );
+    assert!(
+        actions.iter().any(|(_, who)| who == "mallory"),
+        "{actions:?}"
+    );
+    lab.down().await?;
+    Ok(())
+}

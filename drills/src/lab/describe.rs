@@ -196,6 +196,17 @@ pub struct LabDescription {
     pub topology: Option<PathBuf>,
     pub processes: Vec<ProcessInfo>,
     pub endpoints: Endpoints,
+    /// The on-call operator the invokers accept approvals from, and the file with their token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oncall: Option<Oncall>,
+}
+
+/// An operator configured on the lab's invokers (`invokerctl approve --operator NAME
+/// --token-file FILE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Oncall {
+    pub operator: String,
+    pub token_file: PathBuf,
 }
 
 impl LabDescription {
@@ -213,6 +224,7 @@ impl LabDescription {
             topology: None,
             processes: Vec::new(),
             endpoints: Endpoints::default(),
+            oncall: None,
         }
     }
 

@@ -35,6 +35,19 @@ struct InvokerToml<'a> {
     initial_members: Vec<MemberToml<'a>>,
     publication: PublicationToml<'a>,
     policy: &'a toml::Table,
+    approvals: ApprovalsToml<'a>,
+}
+
+#[derive(Serialize)]
+struct ApprovalsToml<'a> {
+    required: u32,
+    operators: Vec<OperatorToml<'a>>,
+}
+
+#[derive(Serialize)]
+struct OperatorToml<'a> {
+    name: &'a str,
+    token_sha256: &'a str,
 }
 
 #[derive(Serialize)]
@@ -55,6 +68,8 @@ pub(crate) struct InvokerShared<'a> {
     /// (site, etcd client endpoint) where the leader publishes routing and writers.
     pub publish_to: &'a [(String, String)],
     pub policy: &'a toml::Table,
+    /// (operator name, SHA-256 hex of their token) allowed to approve failovers.
+    pub oncall: Option<(&'a str, &'a str)>,
 }
 
 #[derive(Serialize)]
@@ -101,6 +116,14 @@ pub(crate) fn write_config(
                 .collect(),
         },
         policy: shared.policy,
+        approvals: ApprovalsToml {
+            required: 1,
+            operators: shared
+                .oncall
+                .iter()
+                .map(|(name, token_sha256)| OperatorToml { name, token_sha256 })
+                .collect(),
+        },
     };
     let path = home.join("invoker.toml");
     let text = toml::to_string(&config)?;
@@ -183,6 +206,7 @@ mod tests {
             raft: &raft,
             publish_to: &publish_to,
             policy: &policy,
+            oncall: Some(("oncall", "ab")),
         };
         let (path, data) = write_config(dir.path(), &nodes[1], &shared).unwrap();
         assert!(data.is_dir());
@@ -198,6 +222,10 @@ mod tests {
         assert_eq!(
             value["policy"]["services"]["gift-api"]["hold_down_ms"].as_integer(),
             Some(5000)
+        );
+        assert_eq!(
+            value["approvals"]["operators"][0]["name"].as_str(),
+            Some("oncall")
         );
     }
 }

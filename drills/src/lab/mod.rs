@@ -167,6 +167,34 @@ pub fn down_dir(dir: &Path) -> Result<DownReport, LabError> {
     })
 }
 
+/// The lab's on-call operator: a fresh random token in `DIR/oncall.token` (owner-only), and
+/// its SHA-256 for the invokers' configuration.
+fn oncall_operator(dir: &Path) -> Result<(describe::Oncall, String), LabError> {
+    use sha2::Digest;
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let path = dir.join("oncall.token");
+    std::fs::write(&path, format!("{token}\n"))
+        .map_err(|e| LabError::io(format!("writing {}", path.display()), e))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| LabError::io(format!("restricting {}", path.display()), e))?;
+    }
+    let digest: String = sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((
+        describe::Oncall {
+            operator: "oncall".into(),
+            token_file: path,
+        },
+        digest,
+    ))
+}
+
 /// SIGKILLs every process of `site` in the lab in `dir` (from `lab.json` and the pid files;
 /// no running lab needed), PostgreSQL too unless `keep_postgres`: a drill's "site down", or
 /// with `keep_postgres` its "application tier hard down". Returns the names killed.
@@ -508,12 +536,15 @@ impl Lab {
         } else {
             Vec::new()
         };
+        let (oncall, token_sha256) = oncall_operator(&dir)?;
         let shared = invoker::InvokerShared {
             all: &plan.invokers,
             raft: &opts.raft,
             publish_to: &publish_to,
             policy: &opts.invoker_policy,
+            oncall: Some((&oncall.operator, &token_sha256)),
         };
+        lock(&reg).desc.oncall = Some(oncall.clone());
         for node in &plan.invokers {
             let (config, data_dir) = invoker::write_config(&dir, node, &shared)?;
             let name = node.name();

@@ -77,12 +77,54 @@ enum Cmd {
         #[arg(long)]
         reason: String,
     },
+    /// Approve a pending proposal: shows it (estimate, evidence, digest) and asks you to type
+    /// `approve` unless --yes. The approval is bound to the digest and term shown.
+    Approve {
+        id: u64,
+        #[command(flatten)]
+        operator: OperatorArgs,
+        /// Do not ask (scripts); the proposal is still printed.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Reject a pending proposal.
+    Reject {
+        id: u64,
+        #[command(flatten)]
+        operator: OperatorArgs,
+        #[arg(long)]
+        reason: String,
+    },
     /// Proposals awaiting a human decision (strong-service failovers).
     Proposals {
         /// Include decided proposals too.
         #[arg(long)]
         all: bool,
     },
+}
+
+/// Who approves: an operator configured on the invoker, and their token.
+#[derive(clap::Args)]
+struct OperatorArgs {
+    /// Operator name as configured in the invoker's [[approvals.operators]].
+    #[arg(long, env = "INVOKER_OPERATOR")]
+    operator: String,
+    /// File holding the operator's token (or set INVOKER_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl OperatorArgs {
+    fn token(&self) -> Result<String> {
+        match &self.token_file {
+            Some(path) => Ok(std::fs::read_to_string(path)
+                .with_context(|| format!("reading the token from {}", path.display()))?
+                .trim()
+                .to_string()),
+            None => std::env::var("INVOKER_TOKEN")
+                .context("no token: pass --token-file or set INVOKER_TOKEN"),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -306,6 +348,70 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             output::routing_set(&reply, cli.json)
+        }
+        Cmd::Approve { id, operator, yes } => {
+            let credential = operator.token()?;
+            let listed = admin
+                .list_proposals(pb::ListProposalsRequest {
+                    pending_only: false,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let proposal = listed
+                .proposals
+                .iter()
+                .find(|p| p.id == id)
+                .cloned()
+                .with_context(|| format!("no proposal #{id}"))?;
+            output::proposals(
+                &pb::ListProposalsResponse {
+                    proposals: vec![proposal.clone()],
+                    term: listed.term,
+                },
+                false,
+            )?;
+            if !yes {
+                eprintln!(
+                    "type \"approve\" to approve proposal #{id} as {}:",
+                    operator.operator
+                );
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                if line.trim() != "approve" {
+                    bail!("not approved");
+                }
+            }
+            let reply = admin
+                .approve_proposal(pb::ApproveProposalRequest {
+                    id,
+                    digest: proposal.digest,
+                    term: listed.term,
+                    approver: operator.operator,
+                    credential,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::proposal_decided(&reply, cli.json)
+        }
+        Cmd::Reject {
+            id,
+            operator,
+            reason,
+        } => {
+            let credential = operator.token()?;
+            let reply = admin
+                .reject_proposal(pb::RejectProposalRequest {
+                    id,
+                    approver: operator.operator,
+                    credential,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::proposal_decided(&reply, cli.json)
         }
         Cmd::Proposals { all } => {
             let reply = admin

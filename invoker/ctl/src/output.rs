@@ -546,6 +546,36 @@ pub fn proposals(r: &pb::ListProposalsResponse, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+pub fn proposal_decided(r: &pb::ProposalResponse, as_json: bool) -> Result<()> {
+    let p = r.proposal.clone().unwrap_or_default();
+    let status = pb::ProposalStatus::try_from(p.status)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("PROPOSAL_STATUS_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into());
+    if as_json {
+        return print_json(&json!({
+            "id": p.id, "status": status,
+            "approvals": p.approvals.iter().map(|a| json!({
+                "approver": a.approver, "at_ms": a.at_ms, "term": a.term,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    let who: Vec<&str> = p.approvals.iter().map(|a| a.approver.as_str()).collect();
+    println!(
+        "proposal #{} is {status} (approved by: {})",
+        p.id,
+        if who.is_empty() {
+            "nobody".to_string()
+        } else {
+            who.join(", ")
+        }
+    );
+    Ok(())
+}
+
 fn truncate(s: &str, width: usize) -> String {
     if s.chars().count() <= width {
         s.to_string()

@@ -45,6 +45,10 @@ pub enum DomainError {
         "service {0:?} is not strong: only a strong service's writer is proposed for failover"
     )]
     NotStrong(String),
+    #[error("no proposal #{0}")]
+    UnknownProposal(u64),
+    #[error("approval refused: {0}")]
+    ApprovalRefused(String),
     #[error("stale or invalid failover proposal: {0}")]
     StaleProposal(String),
     #[error("invalid topology file: {0}")]

@@ -59,6 +59,21 @@ pub enum Command {
         term: u64,
         ttl_ms: u64,
     },
+    /// An authenticated operator approves a pending proposal. Bound to what they were shown:
+    /// refused unless `digest` is the proposal's and `term_shown` is `term`, the term of the
+    /// leader proposing this command; refused when expired, decided, or already approved by
+    /// them, and (with two or more approvers required) when they opened it themselves.
+    /// With `required` distinct approvals the proposal is approved.
+    ApproveProposal {
+        id: u64,
+        approver: String,
+        digest: String,
+        term_shown: u64,
+        term: u64,
+        required: u32,
+    },
+    /// An authenticated operator rejects a pending proposal (the request's reason says why).
+    RejectProposal { id: u64, approver: String },
     /// Record an action taken outside the state machine (a membership change) in the audit log.
     RecordAudit {
         action: String,
@@ -76,6 +91,8 @@ impl Command {
             Command::SetThrottle { .. } => "set_throttle",
             Command::SetPolicyPaused { .. } => "set_policy_paused",
             Command::ProposeFailover { .. } => "propose_failover",
+            Command::ApproveProposal { .. } => "approve_proposal",
+            Command::RejectProposal { .. } => "reject_proposal",
             Command::RecordAudit { .. } => "record_audit",
         }
     }
@@ -111,6 +128,8 @@ pub enum Outcome {
         id: u64,
         created: bool,
     },
+    /// A proposal after an approval or a rejection.
+    ProposalDecided(Box<Proposal>),
 }
 
 /// One change of the replicated state, published to watchers after it is applied.
@@ -191,6 +210,22 @@ impl State {
                     ttl_ms: *ttl_ms,
                 },
             ),
+            Command::ApproveProposal {
+                id,
+                approver,
+                digest,
+                term_shown,
+                term,
+                required,
+            } => self.approve(
+                request,
+                *id,
+                approver,
+                digest,
+                (*term_shown, *term),
+                *required,
+            ),
+            Command::RejectProposal { id, approver } => self.reject(request, *id, approver),
             Command::RecordAudit {
                 action,
                 before,
@@ -426,6 +461,99 @@ impl State {
             outcome: Outcome::Proposal { id, created: true },
             changes: vec![Change::Proposal(proposal)],
             audit: vec![(format!("proposal.create {}", p.service), "-".into(), after)],
+        })
+    }
+
+    /// The pending, unexpired proposal `id`, or why it cannot be decided.
+    fn open_proposal(&self, id: u64, at_ms: i64) -> Result<&Proposal, DomainError> {
+        let p = self
+            .proposals
+            .get(&id)
+            .ok_or(DomainError::UnknownProposal(id))?;
+        if p.status != crate::ProposalStatus::Pending {
+            return Err(DomainError::ApprovalRefused(format!(
+                "proposal #{id} is {:?}, not pending",
+                p.status
+            )));
+        }
+        if at_ms >= p.expires_at_ms {
+            return Err(DomainError::ApprovalRefused(format!(
+                "proposal #{id} expired at {}",
+                crate::format_utc_ms(p.expires_at_ms)
+            )));
+        }
+        Ok(p)
+    }
+
+    fn approve(
+        &mut self,
+        request: &Request,
+        id: u64,
+        approver: &str,
+        digest: &str,
+        (term_shown, term): (u64, u64),
+        required: u32,
+    ) -> Result<Applied, DomainError> {
+        let p = self.open_proposal(id, request.at_ms)?;
+        let refuse = |why: String| Err(DomainError::ApprovalRefused(why));
+        if p.digest != digest {
+            return refuse(format!(
+                "proposal #{id} is not what was shown (digest {digest:?}, now {:?}): list it again",
+                p.digest
+            ));
+        }
+        if term_shown != term {
+            return refuse(format!(
+                "proposal #{id} was shown in term {term_shown}; the leader changed since (term {term}): list it again"
+            ));
+        }
+        if p.approvals.iter().any(|a| a.approver == approver) {
+            return refuse(format!("{approver:?} already approved proposal #{id}"));
+        }
+        if required >= 2 && p.actor == approver {
+            return refuse(format!(
+                "{approver:?} opened proposal #{id} and cannot approve it: {required} approvers are required"
+            ));
+        }
+        let mut p = p.clone();
+        p.approvals.push(crate::Approval {
+            approver: approver.to_string(),
+            at_ms: request.at_ms,
+            term,
+        });
+        let count = p.approvals.len();
+        if count >= required as usize {
+            p.status = crate::ProposalStatus::Approved;
+        }
+        self.proposals.insert(id, p.clone());
+        Ok(Applied {
+            outcome: Outcome::ProposalDecided(Box::new(p.clone())),
+            changes: vec![Change::Proposal(p.clone())],
+            audit: vec![(
+                format!("proposal.approve #{id}"),
+                format!("{} approvals", count - 1),
+                format!("{count} of {required} ({approver}); status {:?}", p.status),
+            )],
+        })
+    }
+
+    fn reject(
+        &mut self,
+        request: &Request,
+        id: u64,
+        approver: &str,
+    ) -> Result<Applied, DomainError> {
+        let mut p = self.open_proposal(id, request.at_ms)?.clone();
+        p.status = crate::ProposalStatus::Rejected;
+        self.proposals.insert(id, p.clone());
+        Ok(Applied {
+            outcome: Outcome::ProposalDecided(Box::new(p.clone())),
+            changes: vec![Change::Proposal(p)],
+            audit: vec![(
+                format!("proposal.reject #{id}"),
+                "pending".into(),
+                format!("rejected by {approver}"),
+            )],
         })
     }
 
@@ -681,6 +809,13 @@ fn validate_request(request: &Request) -> Result<(), DomainError> {
             validate_id("site", site)?;
         }
         Command::SetPolicyPaused { .. } => {}
+        Command::ApproveProposal {
+            approver, digest, ..
+        } => {
+            validate_id("approver", approver)?;
+            validate_text("digest", digest, true)?;
+        }
+        Command::RejectProposal { approver, .. } => validate_id("approver", approver)?,
         Command::ProposeFailover {
             service,
             from_site,
@@ -1119,5 +1254,120 @@ mod tests {
             assert!(changes.is_empty());
         }
         assert_eq!(state, before);
+    }
+
+    fn approve(
+        id: u64,
+        who: &str,
+        digest: &str,
+        shown: u64,
+        term: u64,
+        at_ms: i64,
+        required: u32,
+    ) -> Request {
+        Request {
+            actor: who.into(),
+            reason: "approve".into(),
+            at_ms,
+            command: Command::ApproveProposal {
+                id,
+                approver: who.into(),
+                digest: digest.into(),
+                term_shown: shown,
+                term,
+                required,
+            },
+        }
+    }
+
+    #[test]
+    fn approvals_are_bound_to_digest_term_expiry_and_approver() {
+        let mut state = lab_state();
+        state.apply(40, &proposal(1, 1_000_000));
+        let digest = state.proposals[&1].digest.clone();
+        let before = state.clone();
+        for (request, expected) in [
+            (
+                approve(1, "alice", "0000", 7, 7, 1_000_100, 2),
+                "not what was shown",
+            ),
+            (
+                approve(1, "alice", &digest, 6, 7, 1_000_100, 2),
+                "leader changed",
+            ),
+            (approve(1, "alice", &digest, 7, 7, 1_060_000, 2), "expired"),
+            (
+                approve(9, "alice", &digest, 7, 7, 1_000_100, 2),
+                "UnknownProposal",
+            ),
+            // The policy opened it: with two approvers required, it cannot approve itself.
+            (
+                approve(1, "policy", &digest, 7, 7, 1_000_100, 2),
+                "cannot approve it",
+            ),
+        ] {
+            let (resp, changes) = state.apply(41, &request);
+            assert!(
+                format!("{resp:?}").contains(expected),
+                "{expected}: {resp:?}"
+            );
+            assert!(changes.is_empty());
+        }
+        assert_eq!(state, before);
+
+        // Two distinct approvers are needed; the same one twice is a replay.
+        let (resp, _) = state.apply(42, &approve(1, "alice", &digest, 7, 7, 1_000_100, 2));
+        assert!(
+            matches!(&resp, Response::Applied(Outcome::ProposalDecided(p)) if p.status == crate::ProposalStatus::Pending),
+            "{resp:?}"
+        );
+        let (resp, changes) = state.apply(43, &approve(1, "alice", &digest, 7, 7, 1_000_200, 2));
+        assert!(format!("{resp:?}").contains("already approved"), "{resp:?}");
+        assert!(changes.is_empty());
+        let (resp, _) = state.apply(44, &approve(1, "bob", &digest, 7, 7, 1_000_300, 2));
+        assert!(
+            matches!(&resp, Response::Applied(Outcome::ProposalDecided(p)) if p.status == crate::ProposalStatus::Approved),
+            "{resp:?}"
+        );
+        assert_eq!(state.proposals[&1].approvals.len(), 2);
+        assert_eq!(state.audit.back().unwrap().action, "proposal.approve #1");
+        // Decided: no more approvals or rejections.
+        let (resp, _) = state.apply(45, &approve(1, "carol", &digest, 7, 7, 1_000_400, 2));
+        assert!(format!("{resp:?}").contains("not pending"), "{resp:?}");
+    }
+
+    #[test]
+    fn a_rejected_proposal_stays_rejected() {
+        let mut state = lab_state();
+        state.apply(40, &proposal(1, 1_000_000));
+        let digest = state.proposals[&1].digest.clone();
+        let reject = Request {
+            actor: "alice".into(),
+            reason: "the primary is only slow".into(),
+            at_ms: 1_000_100,
+            command: Command::RejectProposal {
+                id: 1,
+                approver: "alice".into(),
+            },
+        };
+        let (resp, _) = state.apply(41, &reject);
+        assert!(
+            matches!(&resp, Response::Applied(Outcome::ProposalDecided(p)) if p.status == crate::ProposalStatus::Rejected),
+            "{resp:?}"
+        );
+        assert_eq!(
+            state.audit.back().unwrap().reason,
+            "the primary is only slow"
+        );
+        let (resp, _) = state.apply(42, &approve(1, "bob", &digest, 7, 7, 1_000_200, 1));
+        assert!(format!("{resp:?}").contains("not pending"), "{resp:?}");
+        // One approver is enough when one is required, even the proposal's author.
+        state.apply(43, &proposal(1, 2_000_000));
+        let digest = state.proposals[&2].digest.clone();
+        let (resp, _) = state.apply(44, &approve(2, "policy", &digest, 7, 7, 2_000_100, 1));
+        assert!(
+            matches!(&resp, Response::Applied(Outcome::ProposalDecided(p)) if p.status == crate::ProposalStatus::Approved),
+            "{resp:?}"
+        );
     }
 }

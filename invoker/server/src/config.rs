@@ -42,6 +42,35 @@ pub struct Config {
     /// each service's class come from the replicated topology and cannot be set here.
     #[serde(default)]
     pub policy: toml::Table,
+    /// Who may approve strong-service failovers, and how many must.
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// Distinct approvers a failover needs (1 in the lab; 2 recommended in production).
+    pub required: u32,
+    pub operators: Vec<OperatorConfig>,
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        ApprovalsConfig {
+            required: 1,
+            operators: Vec::new(),
+        }
+    }
+}
+
+/// An operator who may approve: a name and the SHA-256 (hex) of their token. The token itself
+/// never sits in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    pub name: String,
+    pub token_sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +218,33 @@ impl Config {
                     site.site
                 ));
             }
+        }
+        let a = &self.approvals;
+        if a.required == 0 {
+            return bad("approvals.required must be at least 1".into());
+        }
+        let mut names = BTreeSet::new();
+        for op in &a.operators {
+            invoker_domain::validate_id("operator name", &op.name)
+                .map_err(|e| InvokerError::Config(format!("approvals.operators: {e}")))?;
+            if !names.insert(&op.name) {
+                return bad(format!("approvals.operators: {:?} appears twice", op.name));
+            }
+            if op.token_sha256.len() != 64
+                || !op.token_sha256.chars().all(|c| c.is_ascii_hexdigit())
+            {
+                return bad(format!(
+                    "approvals.operators: token_sha256 of {:?} must be 64 hex digits (sha256sum of the token)",
+                    op.name
+                ));
+            }
+        }
+        if !a.operators.is_empty() && (a.operators.len() as u64) < u64::from(a.required) {
+            return bad(format!(
+                "approvals.required is {} but only {} operators are configured",
+                a.required,
+                a.operators.len()
+            ));
         }
         crate::policy_loop::check_overrides(&self.policy)
             .map_err(|e| InvokerError::Config(format!("policy: {e}")))?;

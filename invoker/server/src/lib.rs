@@ -8,6 +8,7 @@
 //! - [`publisher`]: the leader's publication of routing and writers to each site's etcd.
 //! - [`node`]: assembles a node from its [`config::Config`], bootstraps, serves, shuts down.
 
+pub mod auth;
 pub mod config;
 pub mod grpc;
 pub mod metrics;

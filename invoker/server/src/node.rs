@@ -50,6 +50,9 @@ pub struct Node {
     pub policy_view: crate::policy_loop::ViewCell,
     /// The invoker config's `[policy]` table (checked at load).
     pub policy_overrides: toml::Table,
+    /// Who may approve failovers, and how many distinct approvers a failover needs.
+    pub authenticator: Box<dyn crate::auth::Authenticator>,
+    pub approvals_required: u32,
 }
 
 impl Node {
@@ -95,6 +98,8 @@ impl Node {
             publications: Default::default(),
             policy_view: Default::default(),
             policy_overrides: config.policy.clone(),
+            authenticator: Box::new(crate::auth::TokenAuthenticator::new(&config.approvals)),
+            approvals_required: config.approvals.required,
         }))
     }
 

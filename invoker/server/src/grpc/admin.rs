@@ -572,22 +572,136 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    #[tracing::instrument(name = "admin.approve_proposal", skip_all, fields(id = request.get_ref().id, approver = %request.get_ref().approver))]
     async fn approve_proposal(
         &self,
-        _request: Request<pb::ApproveProposalRequest>,
+        request: Request<pb::ApproveProposalRequest>,
     ) -> Result<Response<pb::ProposalResponse>, Status> {
-        Err(Status::unimplemented(
-            "approving proposals is not available in this invoker version (it arrives with the wallet failover)",
-        ))
+        let msg = request.get_ref();
+        validate_id("approver", &msg.approver).map_err(|e| domain_status(&e))?;
+        if !self.node.is_leader() {
+            let error = ProposeError::NotLeader(self.node.leader().map(|(_, addr)| addr));
+            let mut leader = self.leader_client(&request, error)?;
+            return leader
+                .approve_proposal(forwarded(request.into_inner()))
+                .await;
+        }
+        let what = format!("proposal.approve #{}", msg.id);
+        let approver = self
+            .authenticated(&msg.approver, &msg.credential, &what)
+            .await?;
+        let command = Command::ApproveProposal {
+            id: msg.id,
+            approver: approver.clone(),
+            digest: msg.digest.clone(),
+            term_shown: msg.term,
+            term: self.node.raft_metrics().current_term,
+            required: self.node.approvals_required,
+        };
+        self.decide(
+            &approver,
+            &format!("approval of proposal #{}", msg.id),
+            command,
+            &what,
+        )
+        .await
     }
 
+    #[tracing::instrument(name = "admin.reject_proposal", skip_all, fields(id = request.get_ref().id, approver = %request.get_ref().approver))]
     async fn reject_proposal(
         &self,
-        _request: Request<pb::RejectProposalRequest>,
+        request: Request<pb::RejectProposalRequest>,
     ) -> Result<Response<pb::ProposalResponse>, Status> {
-        Err(Status::unimplemented(
-            "rejecting proposals is not available in this invoker version (it arrives with the wallet failover)",
-        ))
+        let msg = request.get_ref();
+        validate_id("approver", &msg.approver).map_err(|e| domain_status(&e))?;
+        validate_text("reason", &msg.reason, true).map_err(|e| domain_status(&e))?;
+        if !self.node.is_leader() {
+            let error = ProposeError::NotLeader(self.node.leader().map(|(_, addr)| addr));
+            let mut leader = self.leader_client(&request, error)?;
+            return leader
+                .reject_proposal(forwarded(request.into_inner()))
+                .await;
+        }
+        let what = format!("proposal.reject #{}", msg.id);
+        let approver = self
+            .authenticated(&msg.approver, &msg.credential, &what)
+            .await?;
+        let command = Command::RejectProposal {
+            id: msg.id,
+            approver: approver.clone(),
+        };
+        self.decide(&approver, &msg.reason, command, &what).await
+    }
+}
+
+impl AdminService {
+    /// The authenticated operator, or UNAUTHENTICATED; a refusal is audited.
+    async fn authenticated(
+        &self,
+        claimed: &str,
+        credential: &str,
+        what: &str,
+    ) -> Result<String, Status> {
+        match self.node.authenticator.authenticate(claimed, credential) {
+            Ok(name) => Ok(name),
+            Err(e) => {
+                tracing::warn!(operator = %claimed, "{what} refused: {e}");
+                self.audit_refusal(claimed, what, &format!("unauthenticated: {e}"))
+                    .await;
+                Err(Status::unauthenticated(e.to_string()))
+            }
+        }
+    }
+
+    /// Commits an approval or rejection; a refusal is audited and returned.
+    async fn decide(
+        &self,
+        actor: &str,
+        reason: &str,
+        command: Command,
+        what: &str,
+    ) -> Result<Response<pb::ProposalResponse>, Status> {
+        match self
+            .node
+            .propose(domain_request(actor, reason, command))
+            .await
+        {
+            Ok((_, DomainResponse::Applied(Outcome::ProposalDecided(p)))) => {
+                tracing::warn!(id = p.id, status = ?p.status, approvals = p.approvals.len(), "{what}");
+                Ok(Response::new(pb::ProposalResponse {
+                    proposal: Some(convert::proposal_to_pb(&p)),
+                }))
+            }
+            Ok((_, other)) => Err(Status::internal(format!("unexpected result {other:?}"))),
+            Err(ProposeError::Refused(e)) => {
+                tracing::warn!(operator = %actor, "{what} refused: {e}");
+                self.audit_refusal(actor, what, &e.to_string()).await;
+                Err(domain_status(&e))
+            }
+            Err(e) => Err(propose_status(e)),
+        }
+    }
+
+    /// Records a refused approval or rejection in the audit log (best effort: the caller
+    /// gets the refusal either way).
+    async fn audit_refusal(&self, actor: &str, what: &str, why: &str) {
+        let command = Command::RecordAudit {
+            action: format!("{what} refused"),
+            before: String::new(),
+            after: why.chars().take(invoker_domain::MAX_TEXT_LEN).collect(),
+        };
+        let actor = if validate_id("actor", actor).is_ok() {
+            actor
+        } else {
+            "unknown"
+        };
+        if let Err(e) = self
+            .node
+            .propose(domain_request(actor, "refused", command))
+            .await
+        {
+            tracing::warn!("could not audit a refused {what}: {e:?}");
+        }
     }
 }
 

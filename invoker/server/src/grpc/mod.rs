@@ -97,10 +97,14 @@ pub(crate) fn domain_status(e: &invoker_domain::DomainError) -> tonic::Status {
     use invoker_domain::DomainError as D;
     let message = e.to_string();
     match e {
-        D::UnknownSite(_) | D::UnknownService(_) => tonic::Status::not_found(message),
-        D::VersionConflict { .. } | D::SiteRoleChange { .. } | D::ServiceClassChange { .. } => {
-            tonic::Status::failed_precondition(message)
+        D::UnknownSite(_) | D::UnknownService(_) | D::UnknownProposal(_) => {
+            tonic::Status::not_found(message)
         }
+        D::VersionConflict { .. }
+        | D::SiteRoleChange { .. }
+        | D::ServiceClassChange { .. }
+        | D::ApprovalRefused(_)
+        | D::StaleProposal(_) => tonic::Status::failed_precondition(message),
         _ => tonic::Status::invalid_argument(message),
     }
 }
