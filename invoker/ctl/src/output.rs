@@ -479,7 +479,7 @@ pub fn proposals(r: &pb::ListProposalsResponse, as_json: bool) -> Result<()> {
         return print_json(&json!({
             "term": r.term,
             "proposals": r.proposals.iter().map(|p| json!({
-                "id": p.id, "kind": p.kind, "service": p.service, "status": p.status,
+                "id": p.id, "kind": p.kind, "service": p.service, "status": proposal_status(p.status),
                 "created_at_ms": p.created_at_ms, "expires_at_ms": p.expires_at_ms,
                 "digest": p.digest, "term": p.term,
                 "data_loss": p.data_loss.as_ref().map(|l| json!({
@@ -501,13 +501,7 @@ pub fn proposals(r: &pb::ListProposalsResponse, as_json: bool) -> Result<()> {
         println!("no proposals");
     }
     for p in &r.proposals {
-        let status = pb::ProposalStatus::try_from(p.status)
-            .map(|s| {
-                s.as_str_name()
-                    .trim_start_matches("PROPOSAL_STATUS_")
-                    .to_lowercase()
-            })
-            .unwrap_or_else(|_| "unknown".into());
+        let status = proposal_status(p.status);
         println!(
             "#{:<4} {:<18} {:<10} {:<9} created {}  expires {}",
             p.id,
@@ -546,15 +540,20 @@ pub fn proposals(r: &pb::ListProposalsResponse, as_json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn proposal_decided(r: &pb::ProposalResponse, as_json: bool) -> Result<()> {
-    let p = r.proposal.clone().unwrap_or_default();
-    let status = pb::ProposalStatus::try_from(p.status)
+/// `pending`, `approved`, ... from the protobuf enum.
+fn proposal_status(status: i32) -> String {
+    pb::ProposalStatus::try_from(status)
         .map(|s| {
             s.as_str_name()
                 .trim_start_matches("PROPOSAL_STATUS_")
                 .to_lowercase()
         })
-        .unwrap_or_else(|_| "unknown".into());
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+pub fn proposal_decided(r: &pb::ProposalResponse, as_json: bool) -> Result<()> {
+    let p = r.proposal.clone().unwrap_or_default();
+    let status = proposal_status(p.status);
     if as_json {
         return print_json(&json!({
             "id": p.id, "status": status,
