@@ -136,6 +136,18 @@ async fn e2e_failover_site_a_application_tier_hard_down_moves_all_traffic_to_b()
     assert_eq!(gift_api["buckets_per_site"]["b"], 1024, "{gift_api:#}");
     let shifts = scenarios::policy_shifts(&lab).await?;
     assert_eq!(shifts.get("gift-api"), Some(&1), "{shifts:?}");
+
+    phase("the primary still answers: no wallet failover is proposed");
+    let client = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints()).await?;
+    let proposals = client
+        .admin()
+        .list_proposals(invoker_api::pb::ListProposalsRequest {
+            pending_only: false,
+        })
+        .await?
+        .into_inner()
+        .proposals;
+    assert!(proposals.is_empty(), "{proposals:?}");
     lab.down().await?;
     Ok(())
 }

@@ -38,6 +38,9 @@
 //! SiteDown and Isolated lead to the same actions; they differ in the evidence a human reads:
 //! an isolated site may still be writing, so its writer must be fenced before a promotion.
 //! Both take a silence window to decide, so a dying site is not called isolated.
+//! A strong service's failover is proposed only when its writer's database does not answer a
+//! remote observer as primary either: with only the application tier down, the peer's
+//! instances serve against the same primary, and moving the writer could only lose data.
 //!
 //! Per service, in a site that is up: `ServiceFailure` if the site's own agent saw every
 //! instance of the service fail `failures_to_trip` probes in a row (or, for a strong service,

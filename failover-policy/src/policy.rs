@@ -705,6 +705,12 @@ impl Policy {
                 if !class_of(from).is_failed() {
                     return Vec::new();
                 }
+                // The writer's database itself still answers a remote observer as primary:
+                // only the site's instances are down, and the peer's instances serve the
+                // service against it. Moving the writer would only risk losing data.
+                if self.writer_database_answers(service, from, now_ms) {
+                    return Vec::new();
+                }
                 let action = if class_of(to) == Classification::Healthy {
                     Action::ProposeFailover {
                         from_site: from.to_string(),
@@ -750,6 +756,19 @@ impl Policy {
             estimated_rps,
         };
         Some((action, evidence_list))
+    }
+
+    /// A remote observer (not the site's own agent) saw the site's database for the service
+    /// answering as primary within the silence window.
+    fn writer_database_answers(&self, service: &str, site: &str, now_ms: u64) -> bool {
+        let silence_ms = self.config.effective_silence_ms();
+        self.databases
+            .get(&(site.to_string(), service.to_string()))
+            .is_some_and(|seen| {
+                seen.observer.site() != site
+                    && seen.probe.role == DatabaseRole::Primary
+                    && now_ms.saturating_sub(seen.at_ms) <= silence_ms
+            })
     }
 
     /// From the last positions seen: what the old primary had that the replica had not yet

@@ -548,6 +548,15 @@ fn application_tier_down_with_the_database_up_is_site_down() {
         shift[0].evidence
     );
     assert_eq!(sim.share(GIFT)["b"], 1024);
+    // The wallet's primary still answers the peer and the witness: wallet-b serves against
+    // it, and moving the writer could only lose data, so no failover is proposed.
+    assert!(
+        !labels(&outs)
+            .iter()
+            .any(|l| l.starts_with("propose_failover")),
+        "{:?}",
+        labels(&outs)
+    );
 
     // The same with the witness still reaching site a's instances: only the peer lost them
     // (a partition seen from b), so nothing moves.
