@@ -38,7 +38,7 @@ use drills::bench::machine;
 use drills::lab::{site_ip, Lab, LabOptions};
 use futures::StreamExt;
 use invoker_api::{pb, InvokerClient};
-use invoker_domain::{ServiceClass, ServiceSpec, SiteRole, SiteSpec, Topology};
+use invoker_domain::{ServiceClass, ServiceSpec, Topology};
 use prost::Message;
 use rand::Rng;
 use serde::Serialize;
@@ -831,20 +831,7 @@ impl PhaseProbe {
 fn topology(services: usize) -> Topology {
     let even = BTreeMap::from([("a".to_string(), 50), ("b".to_string(), 50)]);
     Topology {
-        sites: vec![
-            SiteSpec {
-                id: "a".into(),
-                role: SiteRole::Site,
-            },
-            SiteSpec {
-                id: "b".into(),
-                role: SiteRole::Site,
-            },
-            SiteSpec {
-                id: "witness".into(),
-                role: SiteRole::Witness,
-            },
-        ],
+        sites: drills::lab::lab_sites(),
         services: (0..services)
             .map(|i| ServiceSpec {
                 name: service_name(i),

@@ -132,25 +132,30 @@ pub(crate) fn write_config(
     Ok((path, data_dir))
 }
 
+/// The lab's sites: `a` and `b` serving, `witness` voting and probing.
+pub fn lab_sites() -> Vec<SiteSpec> {
+    vec![
+        SiteSpec {
+            id: "a".into(),
+            role: SiteRole::Site,
+        },
+        SiteSpec {
+            id: "b".into(),
+            role: SiteRole::Site,
+        },
+        SiteSpec {
+            id: "witness".into(),
+            role: SiteRole::Witness,
+        },
+    ]
+}
+
 /// The lab's topology: sites `a` and `b`, a witness, the stateless `gift-api` and the strong
 /// `wallet` written in site a (`wallet_dsn` is site a's PostgreSQL).
 pub fn lab_topology(wallet_dsn: &str) -> Topology {
     let even = BTreeMap::from([("a".to_string(), 50), ("b".to_string(), 50)]);
     Topology {
-        sites: vec![
-            SiteSpec {
-                id: "a".into(),
-                role: SiteRole::Site,
-            },
-            SiteSpec {
-                id: "b".into(),
-                role: SiteRole::Site,
-            },
-            SiteSpec {
-                id: "witness".into(),
-                role: SiteRole::Witness,
-            },
-        ],
+        sites: lab_sites(),
         services: vec![
             ServiceSpec {
                 name: "gift-api".into(),

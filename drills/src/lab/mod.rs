@@ -51,7 +51,7 @@ pub use describe::{
     PIDS_DIR, TOPOLOGY_TOML,
 };
 pub use error::LabError;
-pub use invoker::lab_topology;
+pub use invoker::{lab_sites, lab_topology};
 pub use paths::{bin_dir, etcd_bin, find_bin, pg_bin_dir, running_processes};
 pub use postgres::{DATABASE, REPLICA_SLOT};
 pub use proc::{pid_alive, process_state, tail, ProcState, LAB_DIR_ENV};

@@ -317,21 +317,29 @@ impl State {
             self.check_traffic_site(&run.site)?;
         }
         let runs = crate::normalize_runs(runs);
-        if current.runs == runs {
-            return Ok(Applied::outcome(Outcome::Routing {
+        let mut table = current.clone();
+        table.runs = runs;
+        Ok(self.replace_table(service, table, format!("routing.set {service}")))
+    }
+
+    /// Stores `table` as the service's routing with the next version, audited under `action`;
+    /// a table equal to the live one changes nothing (no version bump, no audit).
+    fn replace_table(&mut self, service: &str, mut table: RoutingTable, action: String) -> Applied {
+        let Some(current) = self.routing.get(service) else {
+            // Callers look the service up first; a missing one changes nothing.
+            return Applied::outcome(Outcome::Audited);
+        };
+        if current.runs == table.runs && current.throttle_max_rps == table.throttle_max_rps {
+            return Applied::outcome(Outcome::Routing {
                 table: current.clone(),
                 changed: false,
-            }));
+            });
         }
         let before = current.summary();
-        let table = RoutingTable {
-            version: current.version + 1,
-            runs,
-            throttle_max_rps: current.throttle_max_rps.clone(),
-        };
+        table.version = current.version + 1;
         let after = table.summary();
         self.routing.insert(service.to_string(), table.clone());
-        Ok(Applied {
+        Applied {
             outcome: Outcome::Routing {
                 table: table.clone(),
                 changed: true,
@@ -340,8 +348,8 @@ impl State {
                 service: service.to_string(),
                 table,
             }],
-            audit: vec![(format!("routing.set {service}"), before, after)],
-        })
+            audit: vec![(action, before, after)],
+        }
     }
 
     fn set_throttle(
@@ -360,32 +368,12 @@ impl State {
             .routing
             .get(service)
             .ok_or_else(|| DomainError::UnknownService(service.to_string()))?;
-        if current.throttle_max_rps.get(site).copied() == max_rps {
-            return Ok(Applied::outcome(Outcome::Routing {
-                table: current.clone(),
-                changed: false,
-            }));
-        }
-        let before = current.summary();
         let mut table = current.clone();
-        table.version += 1;
         match max_rps {
             Some(rps) => table.throttle_max_rps.insert(site.to_string(), rps),
             None => table.throttle_max_rps.remove(site),
         };
-        let after = table.summary();
-        self.routing.insert(service.to_string(), table.clone());
-        Ok(Applied {
-            outcome: Outcome::Routing {
-                table: table.clone(),
-                changed: true,
-            },
-            changes: vec![Change::Routing {
-                service: service.to_string(),
-                table,
-            }],
-            audit: vec![(format!("throttle.set {service} {site}"), before, after)],
-        })
+        Ok(self.replace_table(service, table, format!("throttle.set {service} {site}")))
     }
 
     fn propose_failover(

@@ -73,6 +73,27 @@ fn forwarded<T>(message: T) -> Request<T> {
     request
 }
 
+/// The answer to a committed routing or throttle change; a failed proposal comes back for the
+/// caller to forward to the leader.
+fn routing_reply(
+    service: &str,
+    result: Result<(u64, DomainResponse), ProposeError>,
+) -> Result<Result<Response<pb::SetRoutingResponse>, Status>, ProposeError> {
+    match result? {
+        (log_index, DomainResponse::Applied(Outcome::Routing { table, changed })) => {
+            tracing::info!(changed, version = table.version, "routing table set");
+            Ok(Ok(Response::new(pb::SetRoutingResponse {
+                table: Some(convert::routing_to_pb(service, &table)),
+                changed,
+                log_index,
+            })))
+        }
+        (_, other) => Ok(Err(Status::internal(format!(
+            "unexpected result {other:?}"
+        )))),
+    }
+}
+
 fn check_actor_reason(actor: &str, reason: &str) -> Result<(), Status> {
     validate_text("actor", actor, true).map_err(|e| domain_status(&e))?;
     validate_text("reason", reason, true).map_err(|e| domain_status(&e))
@@ -157,20 +178,12 @@ impl pb::admin_server::Admin for AdminService {
             site: msg.site.clone(),
             max_rps: (msg.max_rps != 0).then_some(msg.max_rps),
         };
-        match self
+        let result = self
             .node
             .propose(domain_request(&msg.actor, &msg.reason, command))
-            .await
-        {
-            Ok((log_index, DomainResponse::Applied(Outcome::Routing { table, changed }))) => {
-                tracing::info!(changed, version = table.version, "throttle set");
-                Ok(Response::new(pb::SetRoutingResponse {
-                    table: Some(convert::routing_to_pb(&msg.service, &table)),
-                    changed,
-                    log_index,
-                }))
-            }
-            Ok((_, other)) => Err(Status::internal(format!("unexpected result {other:?}"))),
+            .await;
+        match routing_reply(&msg.service, result) {
+            Ok(reply) => reply,
             Err(e) => {
                 let mut leader = self.leader_client(&request, e)?;
                 leader.set_throttle(forwarded(request.into_inner())).await
@@ -373,20 +386,12 @@ impl pb::admin_server::Admin for AdminService {
             runs: convert::runs_from_pb(&msg.runs),
             expected_version: (msg.expected_version != 0).then_some(msg.expected_version),
         };
-        match self
+        let result = self
             .node
             .propose(domain_request(&msg.actor, &msg.reason, command))
-            .await
-        {
-            Ok((log_index, DomainResponse::Applied(Outcome::Routing { table, changed }))) => {
-                tracing::info!(changed, version = table.version, "routing set");
-                Ok(Response::new(pb::SetRoutingResponse {
-                    table: Some(convert::routing_to_pb(&msg.service, &table)),
-                    changed,
-                    log_index,
-                }))
-            }
-            Ok((_, other)) => Err(Status::internal(format!("unexpected result {other:?}"))),
+            .await;
+        match routing_reply(&msg.service, result) {
+            Ok(reply) => reply,
             Err(e) => {
                 let mut leader = self.leader_client(&request, e)?;
                 leader.set_routing(forwarded(request.into_inner())).await
