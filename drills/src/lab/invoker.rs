@@ -151,8 +151,9 @@ pub fn lab_sites() -> Vec<SiteSpec> {
 }
 
 /// The lab's topology: sites `a` and `b`, a witness, the stateless `gift-api` and the strong
-/// `wallet` written in site a (`wallet_dsn` is site a's PostgreSQL).
-pub fn lab_topology(wallet_dsn: &str) -> Topology {
+/// `wallet` written in site a (`wallet_dsn` is site a's PostgreSQL; `replica_dsn` site b's
+/// streaming replica, where a failover moves the writer).
+pub fn lab_topology(wallet_dsn: &str, replica_dsn: &str) -> Topology {
     let even = BTreeMap::from([("a".to_string(), 50), ("b".to_string(), 50)]);
     Topology {
         sites: lab_sites(),
@@ -170,6 +171,7 @@ pub fn lab_topology(wallet_dsn: &str) -> Topology {
                 writer: Some(WriterSpec {
                     site: "a".into(),
                     dsn: wallet_dsn.to_string(),
+                    replicas: BTreeMap::from([("b".to_string(), replica_dsn.to_string())]),
                 }),
             },
         ],
@@ -182,7 +184,10 @@ mod tests {
 
     #[test]
     fn topology_is_valid_and_round_trips_through_toml() {
-        let t = lab_topology("postgres://postgres@127.0.1.3:5555/gift");
+        let t = lab_topology(
+            "postgres://postgres@127.0.1.3:5555/gift",
+            "postgres://postgres@127.0.2.3:5556/gift",
+        );
         t.validate().unwrap();
         let text = toml::to_string(&t).unwrap();
         assert_eq!(Topology::from_toml(&text).unwrap(), t);

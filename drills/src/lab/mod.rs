@@ -519,7 +519,7 @@ impl Lab {
             }
         }
         // Without PostgreSQL (invokers only) the wallet's DSN names where it would run.
-        let topology = lab_topology(&plan.primary.url());
+        let topology = lab_topology(&plan.primary.url(), &plan.replica.url());
         topology.validate()?;
         let topology_path = dir.join(TOPOLOGY_TOML);
         describe::write_atomic(&topology_path, &toml::to_string(&topology)?)?;

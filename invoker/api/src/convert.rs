@@ -167,6 +167,44 @@ pub fn proposal_to_pb(p: &d::Proposal) -> pb::Proposal {
         term: p.term,
         actor: p.actor.clone(),
         reason: p.reason.clone(),
+        plan: p.plan.as_ref().map(|plan| pb::FailoverPlan {
+            planned: plan.planned,
+            from_site: plan.from_site.clone(),
+            from_epoch: plan.from_epoch,
+            from_dsn: plan.from_dsn.clone(),
+            to_site: plan.to_site.clone(),
+            to_dsn: plan.to_dsn.clone(),
+            new_epoch: plan.new_epoch,
+            steps: plan.steps(),
+        }),
+        execution: p.execution.as_ref().map(|e| pb::FailoverExecution {
+            started_at_ms: e.started_at_ms,
+            term: e.term,
+            old_lease_expires_at_ms: e.old_lease_expires_at_ms,
+            fence: e.fence.as_ref().map(step_to_pb),
+            promote: e.promote.as_ref().map(step_to_pb),
+            finished_at_ms: e.finished_at_ms.unwrap_or(0),
+            error: e.error.clone().unwrap_or_default(),
+        }),
+    }
+}
+
+fn step_to_pb(r: &d::StepResult) -> pb::FailoverStepResult {
+    pb::FailoverStepResult {
+        ok: r.ok,
+        lsn: r.lsn,
+        ledger_sequence: r.ledger_sequence,
+        detail: r.detail.clone(),
+        at_ms: r.at_ms,
+    }
+}
+
+pub fn lease_to_pb(l: &d::Lease) -> pb::WriterLease {
+    pb::WriterLease {
+        site: l.site.clone(),
+        epoch: l.epoch,
+        granted_at_ms: l.granted_at_ms,
+        expires_at_ms: l.expires_at_ms,
     }
 }
 
@@ -237,6 +275,11 @@ pub fn topology_to_pb(t: &d::Topology) -> pb::Topology {
                 writer: s.writer.as_ref().map(|w| pb::WriterSpec {
                     site: w.site.clone(),
                     dsn: w.dsn.clone(),
+                    replicas: w
+                        .replicas
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                 }),
             })
             .collect(),
@@ -269,6 +312,11 @@ pub fn topology_from_pb(t: &pb::Topology) -> Result<d::Topology, ConvertError> {
                 writer: s.writer.as_ref().map(|w| d::WriterSpec {
                     site: w.site.clone(),
                     dsn: w.dsn.clone(),
+                    replicas: w
+                        .replicas
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                 }),
             })
         })

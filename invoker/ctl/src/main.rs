@@ -95,11 +95,29 @@ enum Cmd {
         #[arg(long)]
         reason: String,
     },
-    /// Proposals awaiting a human decision (strong-service failovers).
+    /// Open proposals (awaiting a decision or executing): strong-service failovers and
+    /// switchovers, with their data-loss estimate, plan and execution.
     Proposals {
-        /// Include decided proposals too.
+        /// Include decided and finished proposals too.
         #[arg(long)]
         all: bool,
+    },
+    /// Open a writer move by hand; it needs approval like any proposal. Planned (default):
+    /// fences the old primary, waits for the replica to catch up, loses nothing.
+    Switchover {
+        /// The strong service (wallet).
+        service: String,
+        /// The site that becomes the writer.
+        #[arg(long)]
+        to: String,
+        /// A forced failover instead: the old primary is fenced only if reachable, and what
+        /// it had not replicated is lost (see `wallet lost-report` afterwards).
+        #[arg(long)]
+        forced: bool,
+        #[command(flatten)]
+        operator: OperatorArgs,
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -412,6 +430,35 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             output::proposal_decided(&reply, cli.json)
+        }
+        Cmd::Switchover {
+            service,
+            to,
+            forced,
+            operator,
+            reason,
+        } => {
+            let credential = operator.token()?;
+            let reply = admin
+                .open_switchover(pb::OpenSwitchoverRequest {
+                    service,
+                    to_site: to,
+                    planned: !forced,
+                    operator: operator.operator,
+                    credential,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let term = client.status().await?.term;
+            output::proposals(
+                &pb::ListProposalsResponse {
+                    proposals: reply.proposal.into_iter().collect(),
+                    term,
+                },
+                cli.json,
+            )
         }
         Cmd::Proposals { all } => {
             let reply = admin

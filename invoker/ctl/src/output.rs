@@ -55,6 +55,10 @@ pub fn status(s: &pb::ClusterStatus, as_json: bool) -> Result<()> {
                         .map(|(site, n)| (site.clone(), json!(f64::from(*n) / 1024.0)))
                         .collect::<serde_json::Map<_, _>>(),
                     "writer": writer_json(&r.writer),
+                    "lease": r.lease.as_ref().map(|l| json!({
+                        "site": l.site, "epoch": l.epoch,
+                        "granted_at_ms": l.granted_at_ms, "expires_at_ms": l.expires_at_ms,
+                    })),
                 })
             })
             .collect();
@@ -92,10 +96,20 @@ pub fn status(s: &pb::ClusterStatus, as_json: bool) -> Result<()> {
             .into_iter()
             .map(|(site, n)| format!("{site} {:.1}%", f64::from(*n) * 100.0 / 1024.0))
             .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let lease = |w: &pb::Writer| match &r.lease {
+            Some(l) if l.site == w.site && l.epoch == w.epoch && l.expires_at_ms > now => {
+                format!(", lease {} ms", l.expires_at_ms - now)
+            }
+            Some(_) => ", lease expired".to_string(),
+            None => String::new(),
+        };
         let writer = r
             .writer
             .as_ref()
-            .map(|w| format!("{} epoch {}", w.site, w.epoch))
+            .map(|w| format!("{} epoch {}{}", w.site, w.epoch, lease(w)))
             .unwrap_or_else(|| "-".into());
         println!(
             "{:<16} {:<9} {:>4}  {:<28} {}",
@@ -494,6 +508,12 @@ pub fn proposals(r: &pb::ListProposalsResponse, as_json: bool) -> Result<()> {
                     "observed_at_ms": e.observed_at_ms,
                 })).collect::<Vec<_>>(),
                 "reason": p.reason, "actor": p.actor,
+                "plan": p.plan.as_ref().map(|plan| json!({
+                    "planned": plan.planned, "from_site": plan.from_site,
+                    "from_epoch": plan.from_epoch, "to_site": plan.to_site,
+                    "new_epoch": plan.new_epoch, "steps": plan.steps,
+                })),
+                "execution": p.execution.as_ref().map(execution_json),
             })).collect::<Vec<_>>(),
         }));
     }
@@ -535,9 +555,66 @@ pub fn proposals(r: &pb::ListProposalsResponse, as_json: bool) -> Result<()> {
                 truncate(&e.detail, 70)
             );
         }
+        if let Some(plan) = &p.plan {
+            println!("      plan:");
+            for (i, step) in plan.steps.iter().enumerate() {
+                println!("        {}. {}", i + 1, step);
+            }
+        }
+        if let Some(e) = &p.execution {
+            print_execution(e);
+        }
         println!("      digest {} (term {})", p.digest, p.term);
     }
     Ok(())
+}
+
+fn execution_json(e: &pb::FailoverExecution) -> serde_json::Value {
+    let step = |s: &Option<pb::FailoverStepResult>| {
+        s.as_ref().map(|s| {
+            json!({"ok": s.ok, "lsn": s.lsn, "ledger_sequence": s.ledger_sequence,
+                   "detail": s.detail, "at_ms": s.at_ms})
+        })
+    };
+    json!({
+        "started_at_ms": e.started_at_ms, "term": e.term,
+        "old_lease_expires_at_ms": e.old_lease_expires_at_ms,
+        "fence": step(&e.fence), "promote": step(&e.promote),
+        "finished_at_ms": e.finished_at_ms, "error": e.error,
+    })
+}
+
+fn print_execution(e: &pb::FailoverExecution) {
+    println!(
+        "      execution: begun {} (term {}), old lease ends {}",
+        invoker_domain::format_utc_ms(e.started_at_ms),
+        e.term,
+        invoker_domain::format_utc_ms(e.old_lease_expires_at_ms)
+    );
+    let step = |name: &str, s: &Option<pb::FailoverStepResult>| match s {
+        None => println!("        {name}: not yet"),
+        Some(s) => println!(
+            "        {name}: {} at lsn {} (ledger seq {}) {}",
+            if s.ok { "done" } else { "skipped" },
+            s.lsn,
+            s.ledger_sequence,
+            truncate(&s.detail, 50)
+        ),
+    };
+    step("fence", &e.fence);
+    step("promote", &e.promote);
+    if e.finished_at_ms > 0 {
+        println!(
+            "        finished {} ({} ms after begin){}",
+            invoker_domain::format_utc_ms(e.finished_at_ms),
+            e.finished_at_ms - e.started_at_ms,
+            if e.error.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", truncate(&e.error, 60))
+            }
+        );
+    }
 }
 
 /// `pending`, `approved`, ... from the protobuf enum.

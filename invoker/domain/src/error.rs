@@ -51,6 +51,10 @@ pub enum DomainError {
     ApprovalRefused(String),
     #[error("stale or invalid failover proposal: {0}")]
     StaleProposal(String),
+    #[error("writer lease refused: {0}")]
+    LeaseRefused(String),
+    #[error("failover execution refused: {0}")]
+    ExecutionRefused(String),
     #[error("invalid topology file: {0}")]
     TopologyParse(String),
 }

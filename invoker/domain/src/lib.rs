@@ -9,12 +9,14 @@
 //! `invoker-api`'s `convert` module.
 
 mod error;
+mod failover;
 mod model;
 mod routing;
 mod state;
 mod topology;
 
 pub use error::DomainError;
+pub use failover::{Execution, FailoverPlan, FailoverStep, Lease, StepResult};
 pub use model::{
     Approval, AuditEntry, DataLossEstimate, Evidence, Proposal, ProposalStatus, Service,
     ServiceClass, Site, SiteRole, Writer,

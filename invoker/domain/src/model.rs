@@ -98,9 +98,8 @@ pub struct Approval {
     pub term: u64,
 }
 
-/// A change the controller will not make on its own (a strong-service failover): it waits for
-/// human approval. Issue "wallet failover" fills in creation and approval; the replicated
-/// state already has room for it.
+/// A change the controller will not make on its own (a strong-service failover or a planned
+/// switchover): it waits for human approval, then the leader executes its plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
     pub id: u64,
@@ -116,6 +115,12 @@ pub struct Proposal {
     pub term: u64,
     pub actor: String,
     pub reason: String,
+    /// What approval will execute (failover proposals).
+    #[serde(default)]
+    pub plan: Option<crate::FailoverPlan>,
+    /// Where the execution stands, once begun.
+    #[serde(default)]
+    pub execution: Option<crate::Execution>,
 }
 
 /// One line of the audit log: who changed what, why, when, and the value before and after.

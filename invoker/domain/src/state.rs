@@ -58,6 +58,9 @@ pub enum Command {
         /// Raft term of the leader that proposes (approvals are bound to it).
         term: u64,
         ttl_ms: u64,
+        /// A planned switchover opened by an operator (fence first, wait for catch-up, lose
+        /// nothing) rather than a failover of a lost writer.
+        planned: bool,
     },
     /// An authenticated operator approves a pending proposal. Bound to what they were shown:
     /// refused unless `digest` is the proposal's and `term_shown` is `term`, the term of the
@@ -74,6 +77,21 @@ pub enum Command {
     },
     /// An authenticated operator rejects a pending proposal (the request's reason says why).
     RejectProposal { id: u64, approver: String },
+    /// The writer site's agent renews its lease (committed before it is granted). Refused
+    /// unless `(site, epoch)` is the writer and no failover of the service is approved.
+    RenewLease {
+        service: String,
+        site: String,
+        epoch: u64,
+        duration_ms: u64,
+    },
+    /// The leader starts executing approved proposal `id` (renewals stop from here).
+    BeginFailover { id: u64, term: u64 },
+    /// The leader records one execution step of proposal `id`.
+    RecordFailoverStep { id: u64, step: crate::FailoverStep },
+    /// The target is promoted: the writer moves, and the new site holds a lease of
+    /// `lease_ms`.
+    CompleteFailover { id: u64, lease_ms: u64 },
     /// Record an action taken outside the state machine (a membership change) in the audit log.
     RecordAudit {
         action: String,
@@ -94,6 +112,10 @@ impl Command {
             Command::ApproveProposal { .. } => "approve_proposal",
             Command::RejectProposal { .. } => "reject_proposal",
             Command::RecordAudit { .. } => "record_audit",
+            Command::RenewLease { .. } => "renew_lease",
+            Command::BeginFailover { .. } => "begin_failover",
+            Command::RecordFailoverStep { .. } => "record_failover_step",
+            Command::CompleteFailover { .. } => "complete_failover",
         }
     }
 }
@@ -128,8 +150,12 @@ pub enum Outcome {
         id: u64,
         created: bool,
     },
-    /// A proposal after an approval or a rejection.
+    /// A proposal after an approval, a rejection or an execution step.
     ProposalDecided(Box<Proposal>),
+    /// A writer lease renewed until then (leader wall clock).
+    Lease {
+        expires_at_ms: i64,
+    },
 }
 
 /// One change of the replicated state, published to watchers after it is applied.
@@ -145,7 +171,7 @@ pub enum Change {
         service: String,
         writer: Writer,
     },
-    Proposal(Proposal),
+    Proposal(Box<Proposal>),
     Audit(AuditEntry),
     PolicyMode {
         paused: bool,
@@ -165,6 +191,13 @@ pub struct State {
     /// The failover policy runs in dry-run: it records what it would do and does nothing.
     #[serde(default)]
     pub policy_paused: bool,
+    /// Each strong service's writer lease.
+    #[serde(default)]
+    pub leases: BTreeMap<String, crate::Lease>,
+    /// Each strong service's database per site (the writer's and its replicas'): where a
+    /// failover can move the writer.
+    #[serde(default)]
+    pub databases: BTreeMap<String, BTreeMap<String, String>>,
     /// Log index of the last request that changed something.
     pub revision: u64,
 }
@@ -197,6 +230,7 @@ impl State {
                 data_loss,
                 term,
                 ttl_ms,
+                planned,
             } => self.propose_failover(
                 request,
                 FailoverProposal {
@@ -208,6 +242,7 @@ impl State {
                     data_loss,
                     term: *term,
                     ttl_ms: *ttl_ms,
+                    planned: *planned,
                 },
             ),
             Command::ApproveProposal {
@@ -226,6 +261,19 @@ impl State {
                 *required,
             ),
             Command::RejectProposal { id, approver } => self.reject(request, *id, approver),
+            Command::RenewLease {
+                service,
+                site,
+                epoch,
+                duration_ms,
+            } => self.renew_lease(request, service, site, *epoch, *duration_ms),
+            Command::BeginFailover { id, term } => self.begin_failover(request, *id, *term),
+            Command::RecordFailoverStep { id, step } => {
+                self.record_failover_step(request, *id, step)
+            }
+            Command::CompleteFailover { id, lease_ms } => {
+                self.complete_failover(request, *id, *lease_ms)
+            }
             Command::RecordAudit {
                 action,
                 before,
@@ -408,10 +456,33 @@ impl State {
         if p.ttl_ms == 0 {
             return Err(DomainError::StaleProposal("ttl_ms must be above 0".into()));
         }
+        let to_dsn = self
+            .databases
+            .get(p.service)
+            .and_then(|d| d.get(p.to_site))
+            .ok_or_else(|| {
+                DomainError::StaleProposal(format!(
+                    "no database of {:?} is known in site {:?} (the topology's writer.replicas)",
+                    p.service, p.to_site
+                ))
+            })?
+            .clone();
+        let plan = crate::FailoverPlan {
+            planned: p.planned,
+            from_site: writer.site.clone(),
+            from_epoch: writer.epoch,
+            from_dsn: writer.dsn.clone(),
+            to_site: p.to_site.to_string(),
+            to_dsn,
+            new_epoch: writer.epoch + 1,
+        };
         let open = self.proposals.values().find(|q| {
             q.service == p.service
-                && q.status == crate::ProposalStatus::Pending
-                && q.expires_at_ms > request.at_ms
+                && match q.status {
+                    crate::ProposalStatus::Pending => q.expires_at_ms > request.at_ms,
+                    crate::ProposalStatus::Approved | crate::ProposalStatus::Executing => true,
+                    _ => false,
+                }
         });
         if let Some(open) = open {
             return Ok(Applied::outcome(Outcome::Proposal {
@@ -420,7 +491,12 @@ impl State {
             }));
         }
         let id = self.proposals.keys().next_back().copied().unwrap_or(0) + 1;
-        let kind = format!("failover {} -> {}", p.from_site, p.to_site);
+        let kind = format!(
+            "{} {} -> {}",
+            if p.planned { "switchover" } else { "failover" },
+            p.from_site,
+            p.to_site
+        );
         let expires_at_ms = request
             .at_ms
             .saturating_add(i64::try_from(p.ttl_ms).unwrap_or(i64::MAX));
@@ -438,6 +514,8 @@ impl State {
             term: p.term,
             actor: request.actor.clone(),
             reason: request.reason.clone(),
+            plan: Some(plan),
+            execution: None,
         };
         proposal.digest = proposal_digest(&proposal, p.writer_epoch);
         self.proposals.insert(id, proposal.clone());
@@ -447,7 +525,7 @@ impl State {
         );
         Ok(Applied {
             outcome: Outcome::Proposal { id, created: true },
-            changes: vec![Change::Proposal(proposal)],
+            changes: vec![Change::Proposal(Box::new(proposal))],
             audit: vec![(format!("proposal.create {}", p.service), "-".into(), after)],
         })
     }
@@ -516,7 +594,7 @@ impl State {
         self.proposals.insert(id, p.clone());
         Ok(Applied {
             outcome: Outcome::ProposalDecided(Box::new(p.clone())),
-            changes: vec![Change::Proposal(p.clone())],
+            changes: vec![Change::Proposal(Box::new(p.clone()))],
             audit: vec![(
                 format!("proposal.approve #{id}"),
                 format!("{} approvals", count - 1),
@@ -536,7 +614,7 @@ impl State {
         self.proposals.insert(id, p.clone());
         Ok(Applied {
             outcome: Outcome::ProposalDecided(Box::new(p.clone())),
-            changes: vec![Change::Proposal(p)],
+            changes: vec![Change::Proposal(Box::new(p))],
             audit: vec![(
                 format!("proposal.reject #{id}"),
                 "pending".into(),
@@ -676,6 +754,17 @@ impl State {
                 }
             }
             if let Some(writer_spec) = &spec.writer {
+                // The databases per site are added, never replaced (a failover owns them once
+                // a service exists); a newly declared replica is simply added.
+                let known = self.databases.entry(spec.name.clone()).or_default();
+                let declared = std::iter::once((&writer_spec.site, &writer_spec.dsn))
+                    .chain(writer_spec.replicas.iter());
+                for (site, dsn) in declared {
+                    if !known.contains_key(site) {
+                        known.insert(site.clone(), dsn.clone());
+                        changes_text.push(format!("database of {} in site {site}", spec.name));
+                    }
+                }
                 match self.writers.get(&spec.name) {
                     None => {
                         let writer = Writer {
@@ -741,6 +830,7 @@ struct FailoverProposal<'a> {
     data_loss: &'a crate::DataLossEstimate,
     term: u64,
     ttl_ms: u64,
+    planned: bool,
 }
 
 /// What an approval is bound to: a digest of everything the approver was shown (FNV-1a over
@@ -770,15 +860,15 @@ fn proposal_digest(p: &Proposal, writer_epoch: u64) -> String {
     format!("{hash:016x}")
 }
 
-struct Applied {
-    outcome: Outcome,
-    changes: Vec<Change>,
+pub(crate) struct Applied {
+    pub(crate) outcome: Outcome,
+    pub(crate) changes: Vec<Change>,
     /// (action, before, after) lines for the audit log.
-    audit: Vec<(String, String, String)>,
+    pub(crate) audit: Vec<(String, String, String)>,
 }
 
 impl Applied {
-    fn outcome(outcome: Outcome) -> Applied {
+    pub(crate) fn outcome(outcome: Outcome) -> Applied {
         Applied {
             outcome,
             changes: Vec::new(),
@@ -804,6 +894,17 @@ fn validate_request(request: &Request) -> Result<(), DomainError> {
             validate_text("digest", digest, true)?;
         }
         Command::RejectProposal { approver, .. } => validate_id("approver", approver)?,
+        Command::RenewLease { service, site, .. } => {
+            validate_id("service name", service)?;
+            validate_id("site", site)?;
+        }
+        Command::BeginFailover { .. } | Command::CompleteFailover { .. } => {}
+        Command::RecordFailoverStep { step, .. } => match step {
+            crate::FailoverStep::Fenced(r) | crate::FailoverStep::Promoted(r) => {
+                validate_text("step detail", &r.detail, false)?
+            }
+            crate::FailoverStep::Failed(why) => validate_text("failure", why, true)?,
+        },
         Command::ProposeFailover {
             service,
             from_site,
@@ -865,7 +966,7 @@ mod tests {
             name = "wallet"
             class = "strong"
             routing = { a = 1 }
-            writer = { site = "a", dsn = "postgres://x" }
+            writer = { site = "a", dsn = "postgres://x", replicas = { b = "postgres://y" } }
             "#,
         )
         .unwrap();
@@ -1164,6 +1265,7 @@ mod tests {
                 },
                 term: 7,
                 ttl_ms: 60_000,
+                planned: false,
             },
         }
     }

@@ -43,6 +43,10 @@ pub struct ServiceSpec {
 pub struct WriterSpec {
     pub site: String,
     pub dsn: String,
+    /// The service's database in each other site (a streaming replica): where a failover
+    /// can move the writer, e.g. `{ b = "postgres://..." }`.
+    #[serde(default)]
+    pub replicas: BTreeMap<String, String>,
 }
 
 impl Topology {
@@ -89,6 +93,19 @@ impl Topology {
                 (_, Some(writer)) => {
                     validate_id("site id", &writer.site)?;
                     validate_text("writer dsn", &writer.dsn, true)?;
+                    for (site, dsn) in &writer.replicas {
+                        validate_id("site id", site)?;
+                        validate_text("replica dsn", dsn, true)?;
+                        if site == &writer.site {
+                            return Err(DomainError::Duplicate {
+                                kind: "database of site".into(),
+                                id: site.clone(),
+                            });
+                        }
+                        if !roles.contains_key(site.as_str()) {
+                            return Err(DomainError::UnknownSite(site.clone()));
+                        }
+                    }
                 }
                 _ => {}
             }

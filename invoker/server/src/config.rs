@@ -45,6 +45,9 @@ pub struct Config {
     /// Who may approve strong-service failovers, and how many must.
     #[serde(default)]
     pub approvals: ApprovalsConfig,
+    /// The strong services' writer lease and the execution of approved failovers.
+    #[serde(default)]
+    pub writer_lease: crate::executor::LeaseConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +249,7 @@ impl Config {
                 a.operators.len()
             ));
         }
+        self.writer_lease.validate().map_err(InvokerError::Config)?;
         crate::policy_loop::check_overrides(&self.policy)
             .map_err(|e| InvokerError::Config(format!("policy: {e}")))?;
         if !self.initial_members.is_empty() && !ids.contains(&self.node_id) {

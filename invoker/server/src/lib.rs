@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod executor;
 pub mod grpc;
 pub mod metrics;
 pub mod network;

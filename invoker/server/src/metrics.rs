@@ -43,6 +43,14 @@ pub struct Metrics {
     pub publication_failures: Family<SiteLabels, Counter>,
     /// Policy decisions by kind and result (committed, failed, dry_run).
     pub policy_decisions: Family<DecisionLabels, Counter>,
+    /// Writer lease renewals answered by this leader, by site and result.
+    pub lease_renewals: Family<LeaseLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseLabels {
+    pub site: String,
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,6 +93,12 @@ impl Metrics {
         let publication_revision = Family::<SiteLabels, Gauge>::default();
         let publication_failures = Family::<SiteLabels, Counter>::default();
         let policy_decisions = Family::<DecisionLabels, Counter>::default();
+        let lease_renewals = Family::<LeaseLabels, Counter>::default();
+        registry.register(
+            "lease_renewals",
+            "Writer lease renewals answered by this leader, by site and result (granted, refused)",
+            lease_renewals.clone(),
+        );
         registry.register(
             "publication_revision",
             "Domain revision whose routing tables and writers the site's etcd acknowledged (leader only)",
@@ -161,6 +175,7 @@ impl Metrics {
             publication_revision,
             publication_failures,
             policy_decisions,
+            lease_renewals,
         }
     }
 
@@ -168,6 +183,15 @@ impl Metrics {
         self.publication_revision
             .get_or_create(&SiteLabels { site: site.into() })
             .set(i64::try_from(revision).unwrap_or(i64::MAX));
+    }
+
+    pub fn lease_renewal(&self, site: &str, granted: bool) {
+        self.lease_renewals
+            .get_or_create(&LeaseLabels {
+                site: site.into(),
+                result: if granted { "granted" } else { "refused" },
+            })
+            .inc();
     }
 
     pub fn publication_failed(&self, site: &str) {

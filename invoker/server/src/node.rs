@@ -53,6 +53,9 @@ pub struct Node {
     /// Who may approve failovers, and how many distinct approvers a failover needs.
     pub authenticator: Box<dyn crate::auth::Authenticator>,
     pub approvals_required: u32,
+    /// The site agents connected to this node, for failover commands.
+    pub directory: crate::executor::Directory,
+    pub writer_lease: crate::executor::LeaseConfig,
 }
 
 impl Node {
@@ -100,6 +103,8 @@ impl Node {
             policy_overrides: config.policy.clone(),
             authenticator: Box::new(crate::auth::TokenAuthenticator::new(&config.approvals)),
             approvals_required: config.approvals.required,
+            directory: Default::default(),
+            writer_lease: config.writer_lease.clone(),
         }))
     }
 
@@ -354,6 +359,10 @@ pub async fn serve(
         });
     }
     tokio::spawn(crate::metrics::follow_raft(node.clone()));
+    tokio::spawn(crate::executor::run(
+        node.clone(),
+        config.writer_lease.clone(),
+    ));
     tokio::spawn(crate::publisher::run(
         node.clone(),
         config.publication.clone(),

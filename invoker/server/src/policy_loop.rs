@@ -258,6 +258,7 @@ fn command(decision: &Decision, state: &State, term: u64) -> Command {
             data_loss: data_loss.clone(),
             term,
             ttl_ms: PROPOSAL_TTL_MS,
+            planned: false,
         },
         Action::ShiftBuckets { new_runs, .. } | Action::Failback { new_runs, .. }
             if !decision.dry_run =>

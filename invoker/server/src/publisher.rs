@@ -5,7 +5,10 @@
 //! link to it is gone (static stability). Keys, one JSON document each:
 //!
 //! - `/invoker/routing/<service>`: `{"version", "runs", "throttle_max_rps", "revision"}`
-//! - `/invoker/writers/<service>`: `{"site", "epoch", "dsn", "revision"}`
+//! - `/invoker/writers/<service>`: `{"site", "epoch", "dsn", "revision", "failover_pending"}`
+//!   (`failover_pending`: `{"proposal", "until_ms"}` while a failover of the service is
+//!   pending, approved or executing: the site's wallets and gift-apis refuse payments fast;
+//!   `until_ms` is the proposal's expiry, `i64::MAX` once approved)
 //!
 //! Every write is a compare-and-swap: the document is replaced only if the one in etcd is
 //! still the one just read (its mod revision) and is older (a lower table version, or a lower
@@ -45,6 +48,28 @@ pub struct PublishedWriter {
     pub epoch: u64,
     pub dsn: String,
     pub revision: u64,
+    #[serde(default)]
+    pub failover_pending: Option<FailoverPending>,
+}
+
+/// Payments pause while this proposal is open (until `until_ms`, leader wall clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverPending {
+    pub proposal: u64,
+    pub until_ms: i64,
+}
+
+impl PublishedWriter {
+    /// Whether `self` supersedes `old`: a higher epoch, or the same writer with a newer
+    /// pending state (an epoch names one writer: the same epoch with another DSN is not newer).
+    pub fn supersedes(&self, old: &PublishedWriter) -> bool {
+        old.epoch < self.epoch
+            || (old.epoch == self.epoch
+                && old.site == self.site
+                && old.dsn == self.dsn
+                && old.revision < self.revision
+                && old.failover_pending != self.failover_pending)
+    }
 }
 
 /// Where one site's publication stands, as `invokerctl status` shows it.
@@ -175,12 +200,13 @@ pub async fn publish_state(
         }
     }
     for (service, writer) in &state.writers {
-        let doc = writer_doc(writer, state.revision);
+        let mut doc = writer_doc(writer, state.revision);
+        doc.failover_pending = state
+            .failover_pending(service)
+            .map(|(proposal, until_ms)| FailoverPending { proposal, until_ms });
         let key = format!("{WRITERS_PREFIX}{service}");
-        // A writer moves only with a higher epoch; the same epoch with another DSN is not a
-        // newer document (an epoch names one writer).
         if cas_put(client, site, &key, &doc, |old: &PublishedWriter| {
-            old.epoch < doc.epoch
+            doc.supersedes(old)
         })
         .await?
         {
@@ -207,6 +233,7 @@ fn writer_doc(writer: &Writer, revision: u64) -> PublishedWriter {
         epoch: writer.epoch,
         dsn: writer.dsn.clone(),
         revision,
+        failover_pending: None,
     }
 }
 
@@ -333,5 +360,54 @@ mod tests {
             doc
         );
         assert!(text.contains("\"version\":3"));
+    }
+
+    #[test]
+    fn a_writer_document_moves_forward_only() {
+        let old = PublishedWriter {
+            site: "a".into(),
+            epoch: 1,
+            dsn: "postgres://a".into(),
+            revision: 10,
+            failover_pending: None,
+        };
+        let pending = PublishedWriter {
+            revision: 12,
+            failover_pending: Some(FailoverPending {
+                proposal: 1,
+                until_ms: 99,
+            }),
+            ..old.clone()
+        };
+        assert!(pending.supersedes(&old));
+        // The same content at a later revision is not rewritten.
+        let same = PublishedWriter {
+            revision: 20,
+            ..old.clone()
+        };
+        assert!(!same.supersedes(&old));
+        // An older revision never rolls the pending state back.
+        assert!(!old.supersedes(&pending));
+        let moved = PublishedWriter {
+            site: "b".into(),
+            epoch: 2,
+            dsn: "postgres://b".into(),
+            revision: 15,
+            failover_pending: None,
+        };
+        assert!(moved.supersedes(&pending));
+        assert!(!pending.supersedes(&moved));
+        // Same epoch, another DSN: not newer.
+        let other_dsn = PublishedWriter {
+            dsn: "postgres://z".into(),
+            revision: 30,
+            ..moved.clone()
+        };
+        assert!(!other_dsn.supersedes(&moved));
+        let text = serde_json::to_string(&pending).unwrap();
+        assert!(
+            text.contains("\"failover_pending\":{\"proposal\":1,\"until_ms\":99}"),
+            "{text}"
+        );
     }
 }

@@ -190,6 +190,7 @@ async fn e2e_bad_requests_are_refused_and_change_nothing() -> Result<()> {
                     writer: Some(pb::WriterSpec {
                         site: "a".into(),
                         dsn: "postgres://x".into(),
+                        ..Default::default()
                     }),
                 }],
             }),

@@ -129,6 +129,7 @@ impl pb::admin_server::Admin for AdminService {
                     .writers
                     .get(service)
                     .map(|w| convert::writer_to_pb(service, w)),
+                lease: state.leases.get(service).map(convert::lease_to_pb),
             })
             .collect();
         Ok(Response::new(pb::ClusterStatus {
@@ -568,7 +569,16 @@ impl pb::admin_server::Admin for AdminService {
             .state
             .proposals
             .values()
-            .filter(|p| !pending_only || p.status == invoker_domain::ProposalStatus::Pending)
+            .filter(|p| {
+                // "Open": waiting for a decision or being executed.
+                !pending_only
+                    || matches!(
+                        p.status,
+                        invoker_domain::ProposalStatus::Pending
+                            | invoker_domain::ProposalStatus::Approved
+                            | invoker_domain::ProposalStatus::Executing
+                    )
+            })
             .map(convert::proposal_to_pb)
             .collect();
         Ok(Response::new(pb::ListProposalsResponse {
@@ -636,6 +646,88 @@ impl pb::admin_server::Admin for AdminService {
             approver: approver.clone(),
         };
         self.decide(&approver, &msg.reason, command, &what).await
+    }
+
+    #[tracing::instrument(name = "admin.open_switchover", skip_all, fields(service = %request.get_ref().service, to = %request.get_ref().to_site, operator = %request.get_ref().operator))]
+    async fn open_switchover(
+        &self,
+        request: Request<pb::OpenSwitchoverRequest>,
+    ) -> Result<Response<pb::ProposalResponse>, Status> {
+        let msg = request.get_ref();
+        validate_id("operator", &msg.operator).map_err(|e| domain_status(&e))?;
+        validate_id("service name", &msg.service).map_err(|e| domain_status(&e))?;
+        validate_id("site", &msg.to_site).map_err(|e| domain_status(&e))?;
+        validate_text("reason", &msg.reason, true).map_err(|e| domain_status(&e))?;
+        if !self.node.is_leader() {
+            let error = ProposeError::NotLeader(self.node.leader().map(|(_, addr)| addr));
+            let mut leader = self.leader_client(&request, error)?;
+            return leader
+                .open_switchover(forwarded(request.into_inner()))
+                .await;
+        }
+        let kind = if msg.planned {
+            "switchover"
+        } else {
+            "failover"
+        };
+        let what = format!("proposal.open {kind} {} -> {}", msg.service, msg.to_site);
+        let operator = self
+            .authenticated(&msg.operator, &msg.credential, &what)
+            .await?;
+        let writer = self
+            .node
+            .sm
+            .read()
+            .await
+            .state
+            .writers
+            .get(&msg.service)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("{:?} has no writer", msg.service)))?;
+        let now = crate::now_ms();
+        let command = Command::ProposeFailover {
+            service: msg.service.clone(),
+            from_site: writer.site.clone(),
+            to_site: msg.to_site.clone(),
+            writer_epoch: writer.epoch,
+            evidence: vec![invoker_domain::Evidence {
+                observer: operator.clone(),
+                probe: format!("manual {kind}"),
+                detail: msg.reason.clone(),
+                observed_at_ms: now,
+            }],
+            // A planned switchover loses nothing by construction (fence, then catch up); a
+            // forced failover's gap is unknown here: the proposal says so by its kind.
+            data_loss: invoker_domain::DataLossEstimate::default(),
+            term: self.node.raft_metrics().current_term,
+            ttl_ms: crate::policy_loop::PROPOSAL_TTL_MS,
+            planned: msg.planned,
+        };
+        match self
+            .node
+            .propose(domain_request(&operator, &msg.reason, command))
+            .await
+        {
+            Ok((_, DomainResponse::Applied(Outcome::Proposal { id, created }))) => {
+                if !created {
+                    return Err(Status::already_exists(format!(
+                        "proposal #{id} for {:?} is already open: decide it first",
+                        msg.service
+                    )));
+                }
+                let proposal = self.node.sm.read().await.state.proposals.get(&id).cloned();
+                tracing::warn!(id, "{what}");
+                Ok(Response::new(pb::ProposalResponse {
+                    proposal: proposal.as_ref().map(convert::proposal_to_pb),
+                }))
+            }
+            Ok((_, other)) => Err(Status::internal(format!("unexpected result {other:?}"))),
+            Err(ProposeError::Refused(e)) => {
+                self.audit_refusal(&operator, &what, &e.to_string()).await;
+                Err(domain_status(&e))
+            }
+            Err(e) => Err(propose_status(e)),
+        }
     }
 }
 

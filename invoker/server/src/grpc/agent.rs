@@ -236,6 +236,9 @@ impl pb::agent_session_server::AgentSession for AgentService {
         let views = self.views.clone();
         let observations = self.observations.clone();
         node.metrics.agent_sessions.inc();
+        // Site agents take failover commands; the newest session of a site gets them.
+        let generation = (!edge && role == SiteRole::Site)
+            .then(|| node.directory.register(&hello.site, tx.clone()));
         tokio::spawn(async move {
             let agent = hello.agent_id;
             let count = |result: &'static str| {
@@ -256,9 +259,28 @@ impl pb::agent_session_server::AgentSession for AgentService {
                         break;
                     }
                 };
-                let Some(pb::agent_message::Body::Report(report)) = message.body else {
-                    // Command results arrive with the commands (wallet failover).
-                    continue;
+                let report = match message.body {
+                    Some(pb::agent_message::Body::Report(report)) => report,
+                    Some(pb::agent_message::Body::CommandResult(result)) => {
+                        node.directory.deliver(result);
+                        continue;
+                    }
+                    Some(pb::agent_message::Body::LeaseRequest(lease)) => {
+                        if generation.is_some() {
+                            // Committing takes a raft round trip: never hold the reports up.
+                            tokio::spawn(grant_lease(
+                                node.clone(),
+                                hello.site.clone(),
+                                agent.clone(),
+                                lease,
+                                tx.clone(),
+                            ));
+                        } else {
+                            tracing::warn!(%agent, "lease request from a non-site agent ignored");
+                        }
+                        continue;
+                    }
+                    _ => continue,
                 };
                 if !node.is_leader() {
                     count("not_leader");
@@ -300,10 +322,74 @@ impl pb::agent_session_server::AgentSession for AgentService {
                     }
                 }
             }
+            if let Some(generation) = generation {
+                node.directory.unregister(&hello.site, generation);
+            }
             node.metrics.agent_sessions.dec();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Commits a site agent's lease renewal and answers it. Refused (or not committed: no
+/// quorum, not the leader) means not granted; the agent then lets its lease run out.
+async fn grant_lease(
+    node: Arc<Node>,
+    site: String,
+    agent: String,
+    lease: pb::LeaseRequest,
+    tx: tokio::sync::mpsc::Sender<Result<pb::ControllerMessage, Status>>,
+) {
+    let duration_ms = node.writer_lease.duration_ms;
+    let request = invoker_domain::Request {
+        actor: agent.clone(),
+        reason: "writer lease renewal".into(),
+        at_ms: crate::now_ms(),
+        command: invoker_domain::Command::RenewLease {
+            service: lease.service.clone(),
+            site: site.clone(),
+            epoch: lease.epoch,
+            duration_ms,
+        },
+    };
+    let result = node.propose(request).await;
+    let writer = node
+        .sm
+        .read()
+        .await
+        .state
+        .writers
+        .get(&lease.service)
+        .cloned();
+    let (granted, error) = match result {
+        Ok((_, invoker_domain::Response::Applied(_))) => (true, String::new()),
+        Ok((_, other)) => (false, format!("unexpected result {other:?}")),
+        Err(crate::node::ProposeError::Refused(e)) => (false, e.to_string()),
+        Err(e) => (false, format!("not committed: {e:?}")),
+    };
+    if !granted {
+        tracing::info!(%agent, %site, epoch = lease.epoch, "writer lease not granted: {error}");
+    }
+    node.metrics.lease_renewal(&site, granted);
+    let grant = pb::LeaseGrant {
+        service: lease.service,
+        epoch: lease.epoch,
+        request_id: lease.request_id,
+        granted,
+        duration_ms: if granted {
+            u32::try_from(duration_ms).unwrap_or(u32::MAX)
+        } else {
+            0
+        },
+        error,
+        writer_site: writer.as_ref().map(|w| w.site.clone()).unwrap_or_default(),
+        writer_epoch: writer.as_ref().map_or(0, |w| w.epoch),
+    };
+    let _ = tx
+        .send(Ok(pb::ControllerMessage {
+            body: Some(pb::controller_message::Body::LeaseGrant(grant)),
+        }))
+        .await;
 }
 
 #[cfg(test)]
