@@ -902,6 +902,70 @@ impl Lab {
         self.wait_ready(&info).await
     }
 
+    /// Rebuilds `site`'s PostgreSQL as a streaming replica of `from_site`'s (after a failover
+    /// promoted `from_site`): stops it, takes a fresh base backup, starts it, and waits until
+    /// it streams. Whatever the old data directory held beyond the promotion point is gone:
+    /// run the lost-transaction report first.
+    pub async fn rebuild_replica(&mut self, site: &str, from_site: &str) -> Result<(), LabError> {
+        let pg = self
+            .pg
+            .clone()
+            .ok_or_else(|| LabError::Options("this lab runs no PostgreSQL".into()))?;
+        let plan = |name: &str| -> Result<postgres::PgPlan, LabError> {
+            let info = self
+                .reg
+                .desc
+                .process(name)
+                .ok_or_else(|| LabError::UnknownProcess(name.to_string()))?;
+            let addr = info.main_addr().unwrap_or_default();
+            let (host, port) = addr
+                .rsplit_once(':')
+                .ok_or_else(|| LabError::UnknownProcess(name.to_string()))?;
+            Ok(postgres::PgPlan {
+                site: info.site.clone(),
+                host: host.to_string(),
+                port: port.parse().unwrap_or(0),
+            })
+        };
+        let target = plan(&format!("postgres-{site}"))?;
+        let source = plan(&format!("postgres-{from_site}"))?;
+        let name = target.name();
+        if self.is_running(&name) {
+            // A fenced or frozen old primary: SIGCONT first so that it can be stopped.
+            let _ = self.resume(&name);
+            self.stop(&name).await?;
+        }
+        let dir = self.reg.desc.dir.clone();
+        postgres::base_backup(&dir, &pg, &target, &source, self.health_timeout).await?;
+        self.restart(&name).await?;
+        let started = Instant::now();
+        let deadline = started + self.health_timeout;
+        let what = format!("{name} to stream from {}", source.name());
+        let reg = &mut self.reg;
+        poll_until(
+            || reg.check_exited(Some(&name)),
+            started,
+            deadline,
+            &what,
+            || async {
+                let n = postgres::psql(
+                    &pg.bin,
+                    &source.host,
+                    source.port,
+                    "postgres",
+                    "select count(*) from pg_stat_replication where state = 'streaming'",
+                )
+                .await?;
+                if n == "0" {
+                    Err("no streaming replica yet".to_string())
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .await
+    }
+
     async fn wait_ready(&mut self, info: &ProcessInfo) -> Result<(), LabError> {
         let started = Instant::now();
         let deadline = started + self.health_timeout;

@@ -147,6 +147,9 @@ max_wal_senders = 10
 max_replication_slots = 10
 hot_standby = on
 shared_buffers = 32MB
+# The lost-transaction checks read when each wallet write committed; pg_rewind needs hints.
+track_commit_timestamp = on
+wal_log_hints = on
 # Two wallets and two gift-apis (16 connections each), a replica pool, tools, pgbench.
 max_connections = 200
 log_line_prefix = '%m [%p] %q%u@%d '
@@ -207,6 +210,47 @@ pub(crate) async fn wait_accepting(
         },
     )
     .await
+}
+
+/// Replaces `target`'s data directory with a fresh base backup of `source` that streams from
+/// it (`-R`): how an old primary comes back as the new primary's replica. `target` must be
+/// stopped.
+pub(crate) async fn base_backup(
+    dir: &Path,
+    pg: &PgSetup,
+    target: &PgPlan,
+    source: &PgPlan,
+    timeout: std::time::Duration,
+) -> Result<(), LabError> {
+    let data_dir = target.data_dir(dir);
+    if data_dir.exists() {
+        std::fs::remove_dir_all(&data_dir)
+            .map_err(|e| LabError::io(format!("removing {}", data_dir.display()), e))?;
+    }
+    make_data_dir(&data_dir, pg)?;
+    target
+        .tool(
+            dir,
+            pg,
+            "pg_basebackup",
+            vec![
+                "-h".into(),
+                source.host.clone(),
+                "-p".into(),
+                source.port.to_string(),
+                "-U".into(),
+                "postgres".into(),
+                "-D".into(),
+                data_dir.display().to_string(),
+                "-R".into(),
+                "-X".into(),
+                "stream".into(),
+                "--checkpoint=fast".into(),
+                "--no-sync".into(),
+            ],
+        )
+        .run(timeout)
+        .await
 }
 
 /// initdb, start the primary, create the database, pg_basebackup the replica, start it, and

@@ -56,6 +56,9 @@ pub struct ApprovalsConfig {
     /// Distinct approvers a failover needs (1 in the lab; 2 recommended in production).
     pub required: u32,
     pub operators: Vec<OperatorConfig>,
+    /// How long a proposal waits for its approvals before it expires (payments stay paused
+    /// meanwhile; an expired proposal lifts the pause and a new one may be opened).
+    pub proposal_ttl_ms: u64,
 }
 
 impl Default for ApprovalsConfig {
@@ -63,6 +66,7 @@ impl Default for ApprovalsConfig {
         ApprovalsConfig {
             required: 1,
             operators: Vec::new(),
+            proposal_ttl_ms: 10 * 60 * 1000,
         }
     }
 }

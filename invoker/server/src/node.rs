@@ -53,6 +53,7 @@ pub struct Node {
     /// Who may approve failovers, and how many distinct approvers a failover needs.
     pub authenticator: Box<dyn crate::auth::Authenticator>,
     pub approvals_required: u32,
+    pub proposal_ttl_ms: u64,
     /// The site agents connected to this node, for failover commands.
     pub directory: crate::executor::Directory,
     pub writer_lease: crate::executor::LeaseConfig,
@@ -103,6 +104,7 @@ impl Node {
             policy_overrides: config.policy.clone(),
             authenticator: Box::new(crate::auth::TokenAuthenticator::new(&config.approvals)),
             approvals_required: config.approvals.required,
+            proposal_ttl_ms: config.approvals.proposal_ttl_ms,
             directory: Default::default(),
             writer_lease: config.writer_lease.clone(),
         }))

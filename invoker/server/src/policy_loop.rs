@@ -223,12 +223,10 @@ fn reason(decision: &Decision) -> String {
     text.chars().take(invoker_domain::MAX_TEXT_LEN).collect()
 }
 
-/// How long a failover proposal stays open for approval.
-pub const PROPOSAL_TTL_MS: u64 = 10 * 60 * 1000;
-
 /// What to commit for a decision: the routing change, the throttle, the failover proposal,
-/// or an audit record of the notice. `term` is the proposing leader's.
-fn command(decision: &Decision, state: &State, term: u64) -> Command {
+/// or an audit record of the notice. `term` is the proposing leader's; a proposal stays open
+/// for `ttl_ms`.
+fn command(decision: &Decision, state: &State, term: u64, ttl_ms: u64) -> Command {
     match &decision.action {
         Action::ProposeFailover {
             from_site,
@@ -257,7 +255,7 @@ fn command(decision: &Decision, state: &State, term: u64) -> Command {
                 .collect(),
             data_loss: data_loss.clone(),
             term,
-            ttl_ms: PROPOSAL_TTL_MS,
+            ttl_ms,
             planned: false,
         },
         Action::ShiftBuckets { new_runs, .. } | Action::Failback { new_runs, .. }
@@ -497,7 +495,12 @@ async fn commit(node: &Node, policy: &mut Policy, state: &State, decision: Decis
         actor: "policy".into(),
         reason: reason(&decision),
         at_ms: i64::try_from(now).unwrap_or(i64::MAX),
-        command: command(&decision, state, node.raft_metrics().current_term),
+        command: command(
+            &decision,
+            state,
+            node.raft_metrics().current_term,
+            node.proposal_ttl_ms,
+        ),
     };
     let label = decision.label();
     tracing::warn!(service = %decision.service, decision = %label, "failover policy decided");

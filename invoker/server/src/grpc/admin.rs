@@ -700,7 +700,7 @@ impl pb::admin_server::Admin for AdminService {
             // forced failover's gap is unknown here: the proposal says so by its kind.
             data_loss: invoker_domain::DataLossEstimate::default(),
             term: self.node.raft_metrics().current_term,
-            ttl_ms: crate::policy_loop::PROPOSAL_TTL_MS,
+            ttl_ms: self.node.proposal_ttl_ms,
             planned: msg.planned,
         };
         match self
