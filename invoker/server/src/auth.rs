@@ -94,6 +94,7 @@ mod tests {
                     token_sha256: token_sha256("bob-secret"),
                 },
             ],
+            ..ApprovalsConfig::default()
         };
         let auth = TokenAuthenticator::new(&config);
         assert_eq!(auth.authenticate("alice", "alice-secret").unwrap(), "alice");
