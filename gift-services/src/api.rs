@@ -32,12 +32,14 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row};
+use tokio::sync::watch;
 
 use crate::orders::{NewOrder, OrderStore};
 use crate::outbox::{Worker, WorkerConfig, WorkerMetrics};
 use crate::saga::{EffectSink, Saga, SendOutcome};
 use crate::settlement::Settlement;
 use crate::wallet_client::{WalletCall, WalletClient};
+use crate::writer::{self, Current, WriterDoc, WriterMetrics};
 use crate::{GiftError, Traffic, MAX_AMOUNT};
 
 /// gift-api's configuration: a TOML file plus `GIFT_API_*` environment overrides.
@@ -47,8 +49,16 @@ pub struct ApiConfig {
     pub site: String,
     /// HTTP: the API, health, readiness and `/metrics`.
     pub listen_addr: SocketAddr,
-    /// The primary (orders, settlement, outbox).
-    pub database_url: String,
+    /// The primary (orders, settlement, outbox). With `writer_key`: used until the first
+    /// writer document arrives, if given.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// Follow the wallet's writer published in the site's etcd at this key (e.g.
+    /// `/invoker/writers/wallet`; needs `etcd_endpoints`): the primary pool (orders,
+    /// settlement, outbox) moves with it, and while a wallet failover is pending payments
+    /// answer 503 `payments_unavailable` before any order is created.
+    #[serde(default)]
+    pub writer_key: Option<String>,
     /// The site's replica for reads that tolerate staleness (wallet balance, catalog).
     #[serde(default)]
     pub replica_url: Option<String>,
@@ -155,7 +165,12 @@ impl ApiConfig {
         if self.site.is_empty() || self.site.len() > 64 {
             return bad("site must be 1-64 characters".into());
         }
-        check_url("database_url", &self.database_url)?;
+        crate::wallet_service::validate_writer(
+            self.database_url.as_deref(),
+            self.database_url.as_ref().map(|_| 1),
+            self.writer_key.as_deref(),
+            &self.etcd_endpoints,
+        )?;
         if let Some(replica) = &self.replica_url {
             check_url("replica_url", replica)?;
         }
@@ -219,6 +234,7 @@ struct Metrics {
     requests: Family<RouteLabels, Counter>,
     seconds: Family<RouteLabels, Histogram>,
     sends: Family<SendLabels, Counter>,
+    writer: WriterMetrics,
 }
 
 impl Metrics {
@@ -245,19 +261,41 @@ impl Metrics {
             sends.clone(),
         );
         worker.register(&mut registry);
+        let writer = WriterMetrics::default();
+        writer.register(&mut registry);
         Metrics {
             registry,
             requests,
             seconds,
             sends,
+            writer,
+        }
+    }
+}
+
+/// What the current primary serves: the sagas (orders, settlement, outbox) on its pool.
+#[derive(Debug)]
+struct Primary {
+    real: Saga,
+    shadow: Saga,
+    pool: PgPool,
+}
+
+impl Primary {
+    fn saga(&self, traffic: Traffic) -> &Saga {
+        match traffic {
+            Traffic::Real => &self.real,
+            Traffic::Shadow => &self.shadow,
         }
     }
 }
 
 struct AppState {
-    real: Saga,
-    shadow: Saga,
-    primary: PgPool,
+    /// Swapped when the followed writer moves; `None` until one is known.
+    primary: Current<Primary>,
+    /// The followed writer document (`writer_key`).
+    docs: Option<watch::Receiver<Option<WriterDoc>>>,
+    wallet: WalletClient,
     replica: Option<PgPool>,
     metrics: Metrics,
 }
@@ -324,12 +362,39 @@ fn traffic(headers: &HeaderMap) -> Result<Traffic, ApiError> {
     }
 }
 
+fn traffic_label(traffic: Traffic) -> &'static str {
+    match traffic {
+        Traffic::Real => "real",
+        Traffic::Shadow => "shadow",
+    }
+}
+
+fn payments_unavailable(message: String) -> Response {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "payments_unavailable",
+        message,
+    );
+    r.headers_mut()
+        .insert("retry-after", HeaderValue::from_static("1"));
+    r
+}
+
 impl AppState {
-    fn saga(&self, traffic: Traffic) -> &Saga {
-        match traffic {
-            Traffic::Real => &self.real,
-            Traffic::Shadow => &self.shadow,
-        }
+    /// The refusal of a payment while a wallet failover is pending (counted), before any
+    /// order or wallet call: nobody is charged.
+    fn refuse_if_pending(&self) -> Option<Response> {
+        let refusal = writer::refusal_now(self.docs.as_ref())?;
+        self.metrics.writer.refused_pending.inc();
+        Some(payments_unavailable(refusal))
+    }
+
+    fn no_primary(&self) -> Response {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            writer::NO_WRITER_MESSAGE,
+        )
     }
 }
 
@@ -452,7 +517,29 @@ async fn send_gift(
     if let Err(GiftError::InvalidInput(m)) = new.validate() {
         return error(StatusCode::BAD_REQUEST, "invalid_request", m);
     }
-    let outcome = state.saga(traffic).send(&new).await;
+    // A pending wallet failover, or no writer known yet: refused before any order exists.
+    let primary = match (state.refuse_if_pending(), state.primary.get()) {
+        (None, Some(primary)) => primary,
+        (refused, _) => {
+            let (response, label) = match refused {
+                Some(response) => (response, "failover_pending"),
+                None => (
+                    payments_unavailable(writer::NO_WRITER_MESSAGE.to_string()),
+                    "no_writer",
+                ),
+            };
+            state
+                .metrics
+                .sends
+                .get_or_create(&SendLabels {
+                    traffic: traffic_label(traffic),
+                    outcome: label.to_string(),
+                })
+                .inc();
+            return response;
+        }
+    };
+    let outcome = primary.saga(traffic).send(&new).await;
     let label = match &outcome {
         Ok(SendOutcome::Done {
             duplicate: true, ..
@@ -468,10 +555,7 @@ async fn send_gift(
         .metrics
         .sends
         .get_or_create(&SendLabels {
-            traffic: match traffic {
-                Traffic::Real => "real",
-                Traffic::Shadow => "shadow",
-            },
+            traffic: traffic_label(traffic),
             outcome: label,
         })
         .inc();
@@ -551,7 +635,10 @@ async fn get_order(
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };
-    match state.saga(traffic).orders.get(&order_id).await {
+    let Some(primary) = state.primary.get() else {
+        return state.no_primary();
+    };
+    match primary.saga(traffic).orders.get(&order_id).await {
         Ok(Some(order)) => json(
             StatusCode::OK,
             serde_json::to_value(&order).unwrap_or_default(),
@@ -644,7 +731,6 @@ async fn get_balance(
         }
     }
     match state
-        .saga(traffic)
         .wallet
         .balance(user_id, traffic == Traffic::Shadow)
         .await
@@ -727,8 +813,10 @@ async fn top_up(
             ),
         );
     }
+    if let Some(refused) = state.refuse_if_pending() {
+        return refused;
+    }
     match state
-        .saga(traffic)
         .wallet
         .credit(user_id, body.amount, &key, traffic == Traffic::Shadow)
         .await
@@ -760,7 +848,10 @@ async fn catalog(State(state): State<Shared>, headers: HeaderMap) -> Response {
             Err(e) => tracing::info!("catalog from the replica failed, using the primary: {e}"),
         }
     }
-    match OrderStore::catalog(&state.primary, traffic).await {
+    let Some(primary) = state.primary.get() else {
+        return state.no_primary();
+    };
+    match OrderStore::catalog(&primary.pool, traffic).await {
         Ok(gifts) => json(StatusCode::OK, serde_json::json!({"gifts": gifts})),
         Err(e) => database_error(&e),
     }
@@ -774,8 +865,16 @@ async fn healthz() -> Response {
 /// else the primary. The primary in another site being down is a dependency failure (sends
 /// answer 503 payments_unavailable), not this instance's: it still serves reads and the
 /// catalog, and the failover policy must not count it as failed with the site that is.
+///
+/// A pending wallet failover does not make it unready: it is about payments, not this instance.
 async fn readyz(State(state): State<Shared>) -> Response {
-    let local = state.replica.as_ref().unwrap_or(&state.primary);
+    let primary = state.primary.get();
+    let Some(local) = state.replica.as_ref().or(primary.as_ref().map(|p| &p.pool)) else {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"ready": false, "database": "no database known yet (waiting for the writer document)"}),
+        );
+    };
     let check = tokio::time::timeout(
         Duration::from_millis(500),
         sqlx::query("SELECT 1").execute(local),
@@ -835,17 +934,126 @@ async fn observe(
     response
 }
 
+/// Builds what a primary serves (lazy pool: nothing waits on the database).
+fn primary(
+    config: &ApiConfig,
+    url: &str,
+    wallet: &WalletClient,
+    effects: &EffectSink,
+) -> Result<Primary, GiftError> {
+    let pool = crate::pool(
+        url,
+        config.pool_size,
+        config.statement_timeout_ms,
+        config.acquire_timeout_ms,
+    )?;
+    let saga = |traffic| Saga {
+        orders: OrderStore::new(pool.clone(), traffic),
+        settlement: Settlement::new(pool.clone(), traffic),
+        wallet: wallet.clone(),
+        effects: effects.clone(),
+    };
+    Ok(Primary {
+        real: saga(Traffic::Real),
+        shadow: saga(Traffic::Shadow),
+        pool,
+    })
+}
+
+/// Everything that moves with the writer: follows the document (if any), swaps the primary,
+/// and runs the outbox workers on the current one (a switch stops the old generation after
+/// its batch and starts a new one). Returns at shutdown, after the workers stopped.
+async fn run_primary(
+    state: Shared,
+    config: ApiConfig,
+    effects: EffectSink,
+    worker_metrics: WorkerMetrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let worker_config = WorkerConfig {
+        max_attempts: config.effect_max_attempts,
+        abandon_after_secs: config.abandon_after_secs,
+        ..WorkerConfig::default()
+    };
+    let start_workers = |primary: &Primary| {
+        let (gen_tx, gen_rx) = watch::channel(false);
+        let mut handles = Vec::new();
+        if config.outbox_worker {
+            for traffic in [Traffic::Real, Traffic::Shadow] {
+                let worker = Arc::new(Worker::new(
+                    primary.saga(traffic).clone(),
+                    worker_config.clone(),
+                    worker_metrics.clone(),
+                ));
+                handles.push(tokio::spawn(worker.run(gen_rx.clone())));
+            }
+        }
+        (gen_tx, handles)
+    };
+    let mut generation = state.primary.get().map(|p| start_workers(&p));
+    let mut current = config.database_url.clone().map(|url| (url, 1));
+    let mut docs = state.docs.clone();
+    loop {
+        let next = async {
+            match docs.as_mut() {
+                Some(docs) => writer::next_writer(docs, &mut current).await,
+                None => std::future::pending().await,
+            }
+        };
+        let doc = tokio::select! {
+            doc = next => doc,
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let Some(doc) = doc else { break };
+        let wallet = state.wallet.clone();
+        match primary(&config, &doc.dsn, &wallet, &effects) {
+            Ok(next) => {
+                if config.migrate {
+                    let pool = next.pool.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = crate::migrate(&pool).await {
+                            tracing::warn!("migrating the new primary: {e}");
+                        }
+                    });
+                }
+                let workers = start_workers(&next);
+                let old = state.primary.set(next);
+                state.metrics.writer.switches.inc();
+                state.metrics.writer.set_epoch(doc.epoch);
+                tracing::info!(site = %doc.site, epoch = doc.epoch, revision = doc.revision, "gift-api uses a new primary");
+                if let Some((old_stop, handles)) = generation.replace(workers) {
+                    let _ = old_stop.send(true);
+                    let retire = Duration::from_millis(
+                        config.statement_timeout_ms + config.acquire_timeout_ms + 1_000,
+                    );
+                    tokio::spawn(async move {
+                        let _ = futures::future::join_all(handles).await;
+                        tokio::time::sleep(retire).await;
+                        if let Some(old) = old {
+                            old.pool.close().await;
+                        }
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    epoch = doc.epoch,
+                    "cannot use the published writer's dsn: {e}; keeping the previous primary"
+                );
+            }
+        }
+    }
+    if let Some((gen_stop, handles)) = generation {
+        let _ = gen_stop.send(true);
+        let _ = futures::future::join_all(handles).await;
+    }
+}
+
 /// Connects, optionally migrates, starts the outbox worker, and serves until `shutdown`.
 pub async fn serve(
     config: ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GiftError> {
-    let primary = crate::pool(
-        &config.database_url,
-        config.pool_size,
-        config.statement_timeout_ms,
-        config.acquire_timeout_ms,
-    )?;
     let replica = config
         .replica_url
         .as_deref()
@@ -858,9 +1066,6 @@ pub async fn serve(
             )
         })
         .transpose()?;
-    if config.migrate {
-        crate::migrate(&primary).await?;
-    }
     let wallet = WalletClient::new(
         &config.wallet_endpoints,
         Duration::from_millis(config.wallet_connect_timeout_ms),
@@ -870,43 +1075,45 @@ pub async fn serve(
         config.effect_url.clone(),
         Duration::from_millis(config.effect_timeout_ms),
     )?;
-    let saga = |traffic| Saga {
-        orders: OrderStore::new(primary.clone(), traffic),
-        settlement: Settlement::new(primary.clone(), traffic),
-        wallet: wallet.clone(),
-        effects: effects.clone(),
-    };
-    let worker_metrics = WorkerMetrics::default();
-    let state = Arc::new(AppState {
-        real: saga(Traffic::Real),
-        shadow: saga(Traffic::Shadow),
-        primary: primary.clone(),
-        replica,
-        metrics: Metrics::new(&worker_metrics),
-    });
+    let initial = config
+        .database_url
+        .as_deref()
+        .map(|url| primary(&config, url, &wallet, &effects))
+        .transpose()?;
+    if let (true, Some(initial)) = (config.migrate, &initial) {
+        crate::migrate(&initial.pool).await?;
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let docs = config
+        .writer_key
+        .as_ref()
+        .map(|key| writer::follow(config.etcd_endpoints.clone(), key.clone(), stop_rx.clone()));
 
-    let mut background = Vec::new();
-    if config.outbox_worker {
-        let worker_config = WorkerConfig {
-            max_attempts: config.effect_max_attempts,
-            abandon_after_secs: config.abandon_after_secs,
-            ..WorkerConfig::default()
-        };
-        for traffic in [Traffic::Real, Traffic::Shadow] {
-            let worker = Arc::new(Worker::new(
-                state.saga(traffic).clone(),
-                worker_config.clone(),
-                worker_metrics.clone(),
-            ));
-            background.push(tokio::spawn(worker.run(stop_rx.clone())));
-        }
+    let worker_metrics = WorkerMetrics::default();
+    let api_metrics = Metrics::new(&worker_metrics);
+    if initial.is_some() {
+        api_metrics.writer.set_epoch(1);
     }
+    let state = Arc::new(AppState {
+        primary: Current::new(initial),
+        docs,
+        wallet,
+        replica,
+        metrics: api_metrics,
+    });
+
+    let mut background = vec![tokio::spawn(run_primary(
+        state.clone(),
+        config.clone(),
+        effects,
+        worker_metrics,
+        stop_rx.clone(),
+    ))];
 
     let app = Router::new()
         .route("/v1/gifts", post(send_gift))

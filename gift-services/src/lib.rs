@@ -16,6 +16,7 @@
 //!   check-then-act.
 
 pub mod api;
+pub mod lost;
 pub mod orders;
 pub mod outbox;
 pub mod reconcile;
@@ -25,6 +26,7 @@ pub mod settlement;
 pub mod wallet;
 pub mod wallet_client;
 pub mod wallet_service;
+pub mod writer;
 
 pub use wallet::{Ledger, Outcome, Rejection};
 
@@ -53,6 +55,10 @@ pub enum GiftError {
     Config(String),
     #[error("serving: {0}")]
     Serve(String),
+    /// An operator's request refused with a reason (nothing was changed): a compensation
+    /// that conflicts with an earlier one, insufficient funds, a stale epoch, ...
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 impl GiftError {
@@ -64,6 +70,7 @@ impl GiftError {
             GiftError::InvalidInput(_) => "invalid_input",
             GiftError::Config(_) => "config",
             GiftError::Serve(_) => "serve",
+            GiftError::Refused(_) => "refused",
         }
     }
 }

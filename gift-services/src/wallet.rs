@@ -3,20 +3,29 @@
 //! Every write is one transaction that, in this order:
 //! 1. reads the fencing row `FOR SHARE` and refuses unless it holds this writer's epoch (a
 //!    promotion that writes a new epoch waits for in-flight writes, and every later write sees
-//!    it);
+//!    it) and its writer lease (`lease_until`, when set) has not passed;
 //! 2. locks the account row `FOR UPDATE` (so retries of one order serialise on it);
 //! 3. returns the earlier result if this operation already happened (idempotency);
 //! 4. checks the balance, appends the ledger entry and updates the balance. The database's
 //!    constraints (unique keys, one debit / one refund per order, balance >= 0) back every
 //!    one of these checks.
 //!
-//! A database error is returned as [`GiftError::Database`]: the outcome is then unknown
+//! At COMMIT, a deferred constraint trigger on the ledger checks the lease again: a
+//! transaction whose database was frozen across a failover commits nothing when it resumes
+//! ([`Rejection::LeaseExpired`]). A fenced (read-only) database refuses the first locking read
+//! ([`Rejection::Fenced`]). Both are definite: nothing was committed.
+//!
+//! Any other database error is returned as [`GiftError::Database`]: the outcome is then unknown
 //! (indeterminate) and the caller retries with the same order or idempotency key, which is
 //! always safe.
 
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use crate::{Amount, GiftError, Traffic, MAX_AMOUNT};
+
+/// SQL (over a row of `<wallet>.fencing`) that is true when the writer lease has passed.
+/// `lease_until` NULL means no lease is enforced.
+pub const LEASE_EXPIRED_SQL: &str = "(lease_until IS NOT NULL AND lease_until < clock_timestamp())";
 
 /// Longest accepted order id / idempotency key.
 pub const MAX_KEY_LEN: usize = 200;
@@ -47,6 +56,13 @@ pub enum Rejection {
     NoDebit(String),
     #[error("{0}")]
     Conflict(String),
+    /// The database's writer lease (`fencing.lease_until`) has passed: at the start of the
+    /// transaction, or at COMMIT (the deferred trigger). Nothing was committed.
+    #[error("the writer lease of this database has expired; nothing was committed")]
+    LeaseExpired,
+    /// The database is fenced (read-only: SQLSTATE 25006). Nothing was committed.
+    #[error("the database is fenced (read-only); nothing was committed")]
+    Fenced,
 }
 
 impl Rejection {
@@ -58,7 +74,41 @@ impl Rejection {
             Rejection::StaleEpoch { .. } => "stale_epoch",
             Rejection::NoDebit(_) => "no_debit",
             Rejection::Conflict(_) => "conflict",
+            Rejection::LeaseExpired => "lease_expired",
+            Rejection::Fenced => "fenced",
         }
+    }
+
+    /// True when the refusal says "this database may not be written now" (a failover is under
+    /// way) rather than anything about the request: nothing happened, try again later.
+    pub fn is_writer_refusal(&self) -> bool {
+        matches!(
+            self,
+            Rejection::StaleEpoch { .. } | Rejection::LeaseExpired | Rejection::Fenced
+        )
+    }
+}
+
+/// SQLSTATE the lease trigger raises at COMMIT (see `migrations/*_lease.sql`).
+pub const LEASE_EXPIRED_SQLSTATE: &str = "GF001";
+/// SQLSTATE of a write (or `FOR SHARE`) in a read-only transaction: a fenced database.
+pub const READ_ONLY_SQLSTATE: &str = "25006";
+
+/// The SQLSTATE of a database error, if it is one.
+pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// A database error that proves nothing was committed because this database may not be
+/// written: the lease trigger refused the COMMIT, or the database is read-only (fenced).
+pub fn writer_refusal(e: &sqlx::Error) -> Option<Rejection> {
+    match sqlstate(e).as_deref() {
+        Some(LEASE_EXPIRED_SQLSTATE) => Some(Rejection::LeaseExpired),
+        Some(READ_ONLY_SQLSTATE) => Some(Rejection::Fenced),
+        _ => None,
     }
 }
 
@@ -128,6 +178,10 @@ impl Ledger {
         self.epoch
     }
 
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     fn schema(&self) -> &'static str {
         self.traffic.wallet_schema()
     }
@@ -135,14 +189,30 @@ impl Ledger {
     /// Refuses unless the database's fencing row holds this writer's epoch. Holds a share
     /// lock on the row until the transaction ends.
     async fn check_epoch(&self, tx: &mut Transaction<'_, Postgres>) -> Step<()> {
-        let sql = format!("SELECT epoch FROM {}.fencing FOR SHARE", self.schema());
-        let database: i64 = sqlx::query_scalar(&sql).fetch_one(&mut **tx).await?;
-        let database = u64::try_from(database).unwrap_or(0);
+        let sql = format!(
+            "SELECT epoch, {LEASE_EXPIRED_SQL} AS expired FROM {}.fencing FOR SHARE",
+            self.schema()
+        );
+        let Some(row) = sqlx::query(&sql).fetch_optional(&mut **tx).await? else {
+            return rejected(Rejection::StaleEpoch {
+                writer: self.epoch,
+                database: 0,
+            });
+        };
+        self.judge_fencing(row.get::<Option<i64>, _>("epoch"), row.get("expired"))
+    }
+
+    /// The fencing row's verdict: this writer's epoch and a lease still running, or a refusal.
+    fn judge_fencing(&self, database: Option<i64>, expired: Option<bool>) -> Step<()> {
+        let database = u64::try_from(database.unwrap_or(0)).unwrap_or(0);
         if database != self.epoch {
             return rejected(Rejection::StaleEpoch {
                 writer: self.epoch,
                 database,
             });
+        }
+        if expired == Some(true) {
+            return rejected(Rejection::LeaseExpired);
         }
         Ok(())
     }
@@ -271,19 +341,28 @@ impl Ledger {
         result: Step<(i64, Amount)>,
     ) -> Result<Outcome, GiftError> {
         match result {
-            Ok((seq, balance)) => {
-                tx.commit().await?;
-                Ok(Outcome::Committed {
+            Ok((seq, balance)) => match tx.commit().await {
+                Ok(()) => Ok(Outcome::Committed {
                     seq,
                     balance,
                     duplicate: false,
-                })
-            }
+                }),
+                // The lease trigger refused the COMMIT: a definite "nothing committed".
+                Err(e) => match writer_refusal(&e) {
+                    Some(r) => Ok(Outcome::Rejected(r)),
+                    None => Err(e.into()),
+                },
+            },
             Err(Early::Done(outcome)) => {
                 tx.rollback().await?;
                 Ok(outcome)
             }
-            Err(Early::Failed(e)) => Err(e.into()),
+            // A read-only (fenced) database refuses the first locking read or write: the
+            // transaction is aborted, nothing was committed. Dropping `tx` rolls it back.
+            Err(Early::Failed(e)) => match writer_refusal(&e) {
+                Some(r) => Ok(Outcome::Rejected(r)),
+                None => Err(e.into()),
+            },
         }
     }
 
@@ -360,19 +439,18 @@ impl Ledger {
         self.write_unchecked(|tx| {
             Box::pin(async move {
                 let row = sqlx::query(&format!(
-                    "SELECT (SELECT epoch FROM {w}.fencing FOR SHARE) AS epoch, \
-                            (SELECT balance FROM {w}.accounts WHERE user_id = $1 FOR UPDATE) AS balance"
+                    "SELECT f.epoch, {LEASE_EXPIRED_SQL} AS expired, \
+                            (SELECT balance FROM {w}.accounts WHERE user_id = $1 FOR UPDATE) AS balance \
+                     FROM (SELECT epoch, lease_until FROM {w}.fencing FOR SHARE) f"
                 ))
                 .bind(user_id)
-                .fetch_one(&mut **tx)
+                .fetch_optional(&mut **tx)
                 .await?;
-                let database = u64::try_from(row.get::<Option<i64>, _>("epoch").unwrap_or(0)).unwrap_or(0);
-                if database != self.epoch {
-                    return rejected(Rejection::StaleEpoch {
-                        writer: self.epoch,
-                        database,
-                    });
-                }
+                // No fencing row at all: no writer may write here.
+                let Some(row) = row else {
+                    return rejected(Rejection::StaleEpoch { writer: self.epoch, database: 0 });
+                };
+                self.judge_fencing(row.get::<Option<i64>, _>("epoch"), row.get("expired"))?;
                 let Some(balance) = row.get::<Option<i64>, _>("balance") else {
                     return rejected(Rejection::UnknownAccount(user_id));
                 };

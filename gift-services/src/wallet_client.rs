@@ -17,6 +17,10 @@ use crate::{Amount, GiftError};
 /// Metadata the wallet sets on an error whose outcome is unknown (the request reached it).
 pub const OUTCOME_HEADER: &str = "x-outcome";
 
+/// Reason codes that mean "this wallet may not write now" (a failover is under way), never
+/// anything about the request: nothing was written, so the call is [`WalletCall::Unavailable`].
+pub const WRITER_REFUSALS: [&str; 3] = ["stale_epoch", "lease_expired", "fenced"];
+
 /// The result of one wallet call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WalletCall {
@@ -26,7 +30,7 @@ pub enum WalletCall {
         duplicate: bool,
     },
     /// Refused for a business reason; nothing was written. `code` is the wallet's reason
-    /// code (never `stale_epoch`: that is [`WalletCall::Unavailable`]).
+    /// code (never one of [`WRITER_REFUSALS`]: those are [`WalletCall::Unavailable`]).
     Rejected { code: String, reason: String },
     /// No wallet instance could be reached: nothing was written.
     Unavailable(String),
@@ -61,10 +65,11 @@ fn from_result(r: pb::WalletResult) -> WalletCall {
             balance: r.balance,
             duplicate: r.duplicate,
         }
-    } else if r.reason_code == "stale_epoch" {
-        // This wallet is not the current writer (a failover is under way): nothing was
-        // written and it is not the caller's fault, so it is the same as not reaching it, and
-        // the next instance may already hold the new epoch.
+    } else if WRITER_REFUSALS.contains(&r.reason_code.as_str()) {
+        // This wallet is not the current writer, its database's lease has passed, or the
+        // database is fenced (a failover is under way): nothing was written and it is not the
+        // caller's fault, so it is the same as not reaching it, and the next instance may
+        // already write to the new primary.
         WalletCall::Unavailable(format!("payments temporarily unavailable: {}", r.reason))
     } else {
         WalletCall::Rejected {
@@ -198,5 +203,47 @@ impl WalletClient {
             }
         }
         Err(WalletCall::Unavailable(failures.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(code: &str) -> pb::WalletResult {
+        pb::WalletResult {
+            status: pb::ResultStatus::Rejected as i32,
+            reason_code: code.into(),
+            reason: format!("because {code}"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn writer_refusals_mean_nothing_happened() {
+        for code in ["stale_epoch", "lease_expired", "fenced"] {
+            match from_result(rejected(code)) {
+                WalletCall::Unavailable(m) => assert!(m.contains(code), "{m}"),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            from_result(rejected("insufficient_funds")),
+            WalletCall::Rejected { .. }
+        ));
+    }
+
+    #[test]
+    fn unavailable_without_the_outcome_header_is_nothing_happened() {
+        let pending = Status::unavailable(
+            "payments temporarily unavailable: wallet failover pending (proposal 7)",
+        );
+        assert!(matches!(classify(&pending), WalletCall::Unavailable(_)));
+        let mut unknown = Status::unavailable("outcome unknown");
+        unknown.metadata_mut().insert(
+            OUTCOME_HEADER,
+            tonic::metadata::MetadataValue::from_static("unknown"),
+        );
+        assert!(matches!(classify(&unknown), WalletCall::Unknown(_)));
     }
 }

@@ -15,7 +15,10 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
+use tokio::sync::watch;
+
 use crate::pb;
+use crate::writer::{self, Current, WriterDoc, WriterMetrics};
 use crate::{GiftError, Ledger, Outcome, Traffic};
 
 /// The wallet's configuration: a TOML file plus `WALLET_*` environment overrides.
@@ -29,10 +32,18 @@ pub struct WalletConfig {
     /// Prometheus `/metrics`; absent disables it.
     #[serde(default)]
     pub metrics_addr: Option<SocketAddr>,
-    /// The writer's database (the current primary).
-    pub database_url: String,
-    /// The writer's fencing epoch (a later issue takes it from the control plane).
-    pub epoch: u64,
+    /// The writer's database (the current primary). With `writer_key`: used until the first
+    /// writer document arrives, if given.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// The writer's fencing epoch (goes with `database_url`).
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    /// Follow the writer the invoker publishes in the site's etcd at this key (e.g.
+    /// `/invoker/writers/wallet`; needs `etcd_endpoints`): a new (dsn, epoch) swaps the
+    /// database this wallet writes to, and a pending wallet failover refuses every write.
+    #[serde(default)]
+    pub writer_key: Option<String>,
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
     /// Deadline of one database operation; past it the outcome is reported unknown.
@@ -83,14 +94,12 @@ impl WalletConfig {
         if self.site.is_empty() || self.site.len() > 64 {
             return bad("site must be 1-64 characters".into());
         }
-        if !self.database_url.starts_with("postgres://")
-            && !self.database_url.starts_with("postgresql://")
-        {
-            return bad("database_url must be a postgres:// URL".into());
-        }
-        if self.epoch == 0 {
-            return bad("epoch must be at least 1".into());
-        }
+        validate_writer(
+            self.database_url.as_deref(),
+            self.epoch,
+            self.writer_key.as_deref(),
+            &self.etcd_endpoints,
+        )?;
         if self.pool_size == 0 || self.pool_size > 256 {
             return bad(format!(
                 "pool_size {} is out of range (1..=256)",
@@ -106,6 +115,48 @@ impl WalletConfig {
     }
 }
 
+/// Checks how a service finds its writer: a fixed `database_url` + `epoch`, a `writer_key`
+/// followed in etcd, or both (the fixed one until the first document). Shared with gift-api
+/// (which has no epoch: pass `Some(1)`).
+pub(crate) fn validate_writer(
+    database_url: Option<&str>,
+    epoch: Option<u64>,
+    writer_key: Option<&str>,
+    etcd_endpoints: &[String],
+) -> Result<(), GiftError> {
+    let bad = |m: &str| Err(GiftError::Config(m.to_string()));
+    if let Some(url) = database_url {
+        if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            return bad("database_url must be a postgres:// URL");
+        }
+    }
+    if epoch == Some(0) {
+        return bad("epoch must be at least 1");
+    }
+    match writer_key {
+        None => {
+            if database_url.is_none() {
+                return bad("database_url is required unless writer_key is set (the writer followed in etcd)");
+            }
+            if epoch.is_none() {
+                return bad("epoch is required with database_url unless writer_key is set");
+            }
+        }
+        Some(key) => {
+            if !key.starts_with('/') || key.len() > 256 || key.chars().any(char::is_whitespace) {
+                return bad("writer_key must be an etcd key starting with '/' (e.g. /invoker/writers/wallet), at most 256 characters, no spaces");
+            }
+            if etcd_endpoints.is_empty() {
+                return bad("writer_key needs etcd_endpoints (the site's etcd where the writer is published)");
+            }
+            if database_url.is_some() != epoch.is_some() {
+                return bad("database_url and epoch go together: give both (used until the first writer document) or neither");
+            }
+        }
+    }
+    Ok(())
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     op: &'static str,
@@ -116,6 +167,7 @@ struct Metrics {
     registry: Registry,
     ops: Family<OpLabels, Counter>,
     seconds: Histogram,
+    writer: WriterMetrics,
 }
 
 impl Metrics {
@@ -133,17 +185,45 @@ impl Metrics {
             "Wallet operation latency",
             seconds.clone(),
         );
+        let writer = WriterMetrics::default();
+        writer.register(&mut registry);
         Metrics {
             registry,
             ops,
             seconds,
+            writer,
+        }
+    }
+}
+
+/// The ledgers of one writer (one database, one epoch).
+#[derive(Debug)]
+struct WriterLedgers {
+    real: Ledger,
+    shadow: Ledger,
+}
+
+impl WriterLedgers {
+    fn new(pool: sqlx::PgPool, epoch: u64) -> WriterLedgers {
+        WriterLedgers {
+            real: Ledger::new(pool.clone(), Traffic::Real, epoch),
+            shadow: Ledger::new(pool, Traffic::Shadow, epoch),
+        }
+    }
+
+    fn ledger(&self, shadow: bool) -> &Ledger {
+        if shadow {
+            &self.shadow
+        } else {
+            &self.real
         }
     }
 }
 
 pub struct WalletService {
-    real: Ledger,
-    shadow: Ledger,
+    writer: Arc<Current<WriterLedgers>>,
+    /// The followed writer document (`writer_key`), for the pending-failover refusal.
+    docs: Option<watch::Receiver<Option<WriterDoc>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -162,17 +242,30 @@ fn result_label(r: &Result<Outcome, GiftError>) -> &'static str {
 }
 
 impl WalletService {
-    fn ledger(&self, shadow: bool) -> &Ledger {
-        if shadow {
-            &self.shadow
-        } else {
-            &self.real
+    /// The writer a write goes through, or the refusal: a pending failover (nothing touched),
+    /// or no writer known yet. Both are UNAVAILABLE without the unknown-outcome marker:
+    /// nothing happened.
+    fn writable(&self, op: &'static str) -> Result<Arc<WriterLedgers>, Status> {
+        if let Some(refusal) = writer::refusal_now(self.docs.as_ref()) {
+            self.metrics.writer.refused_pending.inc();
+            self.count(op, "failover_pending");
+            return Err(Status::unavailable(refusal));
         }
+        self.writer.get().ok_or_else(|| {
+            self.count(op, "no_writer");
+            Status::unavailable(writer::NO_WRITER_MESSAGE)
+        })
+    }
+
+    fn count(&self, op: &'static str, result: &'static str) {
+        self.metrics
+            .ops
+            .get_or_create(&OpLabels { op, result })
+            .inc();
     }
 
     /// A request may name the epoch it expects; it must be ours.
-    fn check_request_epoch(&self, epoch: u64) -> Option<pb::WalletResult> {
-        let ours = self.real.epoch();
+    fn check_request_epoch(ours: u64, epoch: u64) -> Option<pb::WalletResult> {
         (epoch != 0 && epoch != ours).then(|| pb::WalletResult {
             status: pb::ResultStatus::Rejected as i32,
             reason_code: "stale_epoch".into(),
@@ -187,6 +280,7 @@ impl WalletService {
     async fn run(
         &self,
         op: &'static str,
+        epoch: u64,
         fut: impl Future<Output = Result<Outcome, GiftError>>,
     ) -> Result<Response<pb::WalletResult>, Status> {
         let started = Instant::now();
@@ -201,7 +295,6 @@ impl WalletService {
         self.metrics
             .seconds
             .observe(started.elapsed().as_secs_f64());
-        let epoch = self.real.epoch();
         match result {
             Ok(Outcome::Committed {
                 seq,
@@ -247,7 +340,12 @@ impl pb::wallet_server::Wallet for WalletService {
         request: Request<pb::BalanceRequest>,
     ) -> Result<Response<pb::BalanceReply>, Status> {
         let r = request.into_inner();
-        match self.ledger(r.shadow).balance(r.user_id).await {
+        // Reads keep working while a failover is pending.
+        let writer = self
+            .writer
+            .get()
+            .ok_or_else(|| Status::unavailable(writer::NO_WRITER_MESSAGE))?;
+        match writer.ledger(r.shadow).balance(r.user_id).await {
             Ok(balance) => Ok(Response::new(pb::BalanceReply {
                 user_id: r.user_id,
                 exists: balance.is_some(),
@@ -263,12 +361,14 @@ impl pb::wallet_server::Wallet for WalletService {
         request: Request<pb::CreditRequest>,
     ) -> Result<Response<pb::WalletResult>, Status> {
         let r = request.into_inner();
-        if let Some(stale) = self.check_request_epoch(r.epoch) {
+        let writer = self.writable("credit")?;
+        let ledger = writer.ledger(r.shadow);
+        if let Some(stale) = Self::check_request_epoch(ledger.epoch(), r.epoch) {
             return Ok(Response::new(stale));
         }
-        let ledger = self.ledger(r.shadow);
         self.run(
             "credit",
+            ledger.epoch(),
             ledger.credit(r.user_id, r.amount, &r.idempotency_key),
         )
         .await
@@ -279,12 +379,17 @@ impl pb::wallet_server::Wallet for WalletService {
         request: Request<pb::DebitRequest>,
     ) -> Result<Response<pb::WalletResult>, Status> {
         let r = request.into_inner();
-        if let Some(stale) = self.check_request_epoch(r.epoch) {
+        let writer = self.writable("debit")?;
+        let ledger = writer.ledger(r.shadow);
+        if let Some(stale) = Self::check_request_epoch(ledger.epoch(), r.epoch) {
             return Ok(Response::new(stale));
         }
-        let ledger = self.ledger(r.shadow);
-        self.run("debit", ledger.debit(&r.order_id, r.user_id, r.amount))
-            .await
+        self.run(
+            "debit",
+            ledger.epoch(),
+            ledger.debit(&r.order_id, r.user_id, r.amount),
+        )
+        .await
     }
 
     async fn refund(
@@ -292,11 +397,71 @@ impl pb::wallet_server::Wallet for WalletService {
         request: Request<pb::RefundRequest>,
     ) -> Result<Response<pb::WalletResult>, Status> {
         let r = request.into_inner();
-        if let Some(stale) = self.check_request_epoch(r.epoch) {
+        let writer = self.writable("refund")?;
+        let ledger = writer.ledger(r.shadow);
+        if let Some(stale) = Self::check_request_epoch(ledger.epoch(), r.epoch) {
             return Ok(Response::new(stale));
         }
-        let ledger = self.ledger(r.shadow);
-        self.run("refund", ledger.refund(&r.order_id)).await
+        self.run("refund", ledger.epoch(), ledger.refund(&r.order_id))
+            .await
+    }
+}
+
+/// How long a replaced pool stays open for calls that took it just before the switch.
+fn retire_after(config: &WalletConfig) -> Duration {
+    Duration::from_millis(config.statement_timeout_ms + config.acquire_timeout_ms + 1_000)
+}
+
+/// Swaps the ledgers whenever the followed document names a new (dsn, epoch).
+async fn follow_writer(
+    mut docs: watch::Receiver<Option<WriterDoc>>,
+    writer: Arc<Current<WriterLedgers>>,
+    config: WalletConfig,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut current = config.database_url.clone().zip(config.epoch);
+    loop {
+        let doc = tokio::select! {
+            doc = writer::next_writer(&mut docs, &mut current) => doc,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Some(doc) = doc else { return };
+        let pool = match crate::pool(
+            &doc.dsn,
+            config.pool_size,
+            config.statement_timeout_ms,
+            config.acquire_timeout_ms,
+        ) {
+            Ok(pool) => pool,
+            Err(e) => {
+                tracing::error!(
+                    epoch = doc.epoch,
+                    "cannot use the published writer's dsn: {e}; keeping the previous writer"
+                );
+                continue;
+            }
+        };
+        if config.migrate {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::migrate(&pool).await {
+                    tracing::warn!("migrating the new writer's database: {e}");
+                }
+            });
+        }
+        let old = writer.set(WriterLedgers::new(pool, doc.epoch));
+        metrics.writer.switches.inc();
+        metrics.writer.set_epoch(doc.epoch);
+        tracing::info!(site = %doc.site, epoch = doc.epoch, revision = doc.revision, "wallet writes to a new writer");
+        if let Some(old) = old {
+            let pool = old.real.pool().clone();
+            let wait = retire_after(&config);
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                pool.close().await;
+            });
+        }
     }
 }
 
@@ -305,19 +470,41 @@ pub async fn serve(
     config: WalletConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GiftError> {
-    let pool = crate::pool(
-        &config.database_url,
-        config.pool_size,
-        config.statement_timeout_ms,
-        config.acquire_timeout_ms,
-    )?;
-    if config.migrate {
-        crate::migrate(&pool).await?;
-    }
     let metrics = Arc::new(Metrics::new());
+    let initial = match (&config.database_url, config.epoch) {
+        (Some(url), Some(epoch)) => {
+            let pool = crate::pool(
+                url,
+                config.pool_size,
+                config.statement_timeout_ms,
+                config.acquire_timeout_ms,
+            )?;
+            if config.migrate {
+                crate::migrate(&pool).await?;
+            }
+            metrics.writer.set_epoch(epoch);
+            Some(WriterLedgers::new(pool, epoch))
+        }
+        _ => None,
+    };
+    let writer = Arc::new(Current::new(initial));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let docs = config
+        .writer_key
+        .as_ref()
+        .map(|key| writer::follow(config.etcd_endpoints.clone(), key.clone(), stop_rx.clone()));
+    if let Some(docs) = &docs {
+        tokio::spawn(follow_writer(
+            docs.clone(),
+            writer.clone(),
+            config.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
+    }
     let service = WalletService {
-        real: Ledger::new(pool.clone(), Traffic::Real, config.epoch),
-        shadow: Ledger::new(pool, Traffic::Shadow, config.epoch),
+        writer,
+        docs,
         metrics: metrics.clone(),
     };
 
@@ -333,7 +520,6 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .map_err(|e| GiftError::Serve(format!("cannot listen on {}: {e}", config.listen_addr)))?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -381,7 +567,7 @@ pub async fn serve(
         config.registration_ttl_secs,
     )
     .map(|r| tokio::spawn(r.run(stop_rx.clone())));
-    tracing::info!(site = %config.site, grpc = %config.listen_addr, epoch = config.epoch, "wallet listening");
+    tracing::info!(site = %config.site, grpc = %config.listen_addr, epoch = ?config.epoch, writer_key = ?config.writer_key, "wallet listening");
     let mut stop = stop_rx;
     tonic::transport::Server::builder()
         .add_service(health_service)
