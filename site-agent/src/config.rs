@@ -55,6 +55,20 @@ pub struct AgentConfig {
     /// system's choice.
     #[serde(default)]
     pub bind_ip: Option<std::net::IpAddr>,
+    /// The strong service whose writer lease this agent keeps while its own site's database
+    /// is the primary. Its schema and `shadow_<service>` hold the fencing rows.
+    #[serde(default = "default_strong_service")]
+    pub strong_service: String,
+    /// How often the writer lease is renewed (a `LeaseRequest` to the leader).
+    #[serde(default = "default_lease_renew_interval_ms")]
+    pub lease_renew_interval_ms: u64,
+    /// The local primary is fenced when the lease has less than this left and no grant came.
+    #[serde(default = "default_fence_margin_ms")]
+    pub fence_margin_ms: u64,
+    /// The deadline of each statement of the lease loop and of commands (a frozen database
+    /// costs this, never blocks the loop).
+    #[serde(default = "default_database_timeout_ms")]
+    pub database_timeout_ms: u64,
 }
 
 fn default_probe_interval_ms() -> u64 {
@@ -65,6 +79,18 @@ fn default_probe_timeout_ms() -> u64 {
 }
 fn default_discovery_interval_ms() -> u64 {
     2_000
+}
+fn default_strong_service() -> String {
+    "wallet".to_string()
+}
+fn default_lease_renew_interval_ms() -> u64 {
+    500
+}
+fn default_fence_margin_ms() -> u64 {
+    1_000
+}
+fn default_database_timeout_ms() -> u64 {
+    200
 }
 
 impl AgentConfig {
@@ -151,7 +177,49 @@ impl AgentConfig {
         if self.discovery_interval_ms < self.probe_interval_ms {
             return bad("discovery_interval_ms must be at least probe_interval_ms".into());
         }
+        let service = &self.strong_service;
+        let identifier = service.len() <= 40
+            && service.starts_with(|c: char| c.is_ascii_lowercase())
+            && service
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !identifier {
+            return bad(format!(
+                "strong_service {service:?} must be a lowercase SQL identifier (a-z, 0-9, _; at most 40)"
+            ));
+        }
+        if !(50..=10_000).contains(&self.lease_renew_interval_ms) {
+            return bad(format!(
+                "lease_renew_interval_ms {} is out of range (50..=10000)",
+                self.lease_renew_interval_ms
+            ));
+        }
+        if !(10..=5_000).contains(&self.database_timeout_ms) {
+            return bad(format!(
+                "database_timeout_ms {} is out of range (10..=5000)",
+                self.database_timeout_ms
+            ));
+        }
+        // A fence is up to a few statements; started at the margin it must end before expiry.
+        if self.fence_margin_ms < 3 * self.database_timeout_ms || self.fence_margin_ms > 60_000 {
+            return bad(format!(
+                "fence_margin_ms {} must be 3 x database_timeout_ms ({}) ..= 60000: a fence started at the margin must end before the lease expires",
+                self.fence_margin_ms,
+                3 * self.database_timeout_ms
+            ));
+        }
         Ok(())
+    }
+
+    /// The database of this agent's own site (a site agent's; the witness has none).
+    pub fn own_database_url(&self) -> Option<&str> {
+        if self.role != Role::Site {
+            return None;
+        }
+        self.sites
+            .iter()
+            .find(|s| s.site == self.site)
+            .and_then(|s| s.database_url.as_deref())
     }
 
     /// Is `site` probed closely (this agent's own site)?
@@ -188,6 +256,13 @@ mod tests {
         assert!(c.validate().is_ok());
         assert_eq!(c.probe_interval_ms, 250);
         assert_eq!(c.agent_id(), "agent-a");
+        assert_eq!(c.strong_service, "wallet");
+        assert_eq!(c.lease_renew_interval_ms, 500);
+        assert_eq!(c.fence_margin_ms, 1_000);
+        assert_eq!(
+            c.own_database_url(),
+            Some("postgres://postgres@127.0.1.3:5432/gift")
+        );
         assert!(c.is_local("a") && !c.is_local("b"));
         let cases: Vec<(AgentConfig, &str)> = vec![
             (
@@ -231,6 +306,34 @@ mod tests {
                     ..c.clone()
                 },
                 "twice",
+            ),
+            (
+                AgentConfig {
+                    strong_service: "wallet; drop table x".into(),
+                    ..c.clone()
+                },
+                "strong_service",
+            ),
+            (
+                AgentConfig {
+                    lease_renew_interval_ms: 10,
+                    ..c.clone()
+                },
+                "lease_renew_interval_ms",
+            ),
+            (
+                AgentConfig {
+                    fence_margin_ms: 500,
+                    ..c.clone()
+                },
+                "fence_margin_ms",
+            ),
+            (
+                AgentConfig {
+                    database_timeout_ms: 0,
+                    ..c.clone()
+                },
+                "database_timeout_ms",
             ),
         ];
         for (bad, needle) in cases {

@@ -2,10 +2,11 @@
 //! deadline.
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -145,13 +146,16 @@ impl Prober {
         let mut databases = BTreeMap::new();
         for site in &config.sites {
             if let Some(url) = &site.database_url {
+                // Named like every agent connection, so that a fence leaves it alone.
+                let options = PgConnectOptions::from_str(url)
+                    .map_err(|e| {
+                        AgentError::Config(format!("sites.{}.database_url: {e}", site.site))
+                    })?
+                    .application_name(&format!("{} probe", crate::db::APPLICATION_NAME));
                 let pool = PgPoolOptions::new()
                     .max_connections(1)
                     .acquire_timeout(timeout)
-                    .connect_lazy(url)
-                    .map_err(|e| {
-                        AgentError::Config(format!("sites.{}.database_url: {e}", site.site))
-                    })?;
+                    .connect_lazy_with(options);
                 databases.insert(site.site.clone(), pool);
             }
         }

@@ -6,13 +6,19 @@
 //!
 //! The site agent (probe rounds) and the edge router (real traffic) both report through it;
 //! each converts its own observations into a [`pb::AgentReport`] before publishing it.
+//!
+//! The site agent also talks to the leader through it ([`run_with`] and [`Channels`]): lease
+//! requests and command results go out, lease grants and commands come in. What is queued
+//! for the leader while no session is up is not sent late: lease requests queued then are
+//! dropped when the next session starts (the lease loop just sees no grant); command results
+//! are sent (the leader may also repeat the command and get the remembered result).
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use invoker_api::pb;
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tonic::transport::Endpoint;
 
 use crate::probe::{DatabaseRole, Round};
@@ -88,6 +94,15 @@ pub struct Identity {
     pub bind_ip: Option<IpAddr>,
 }
 
+/// The site agent's two-way traffic with the leader beside its reports.
+#[derive(Debug)]
+pub struct Channels {
+    /// Lease requests and command results to send to the leader.
+    pub outgoing: mpsc::Receiver<pb::AgentMessage>,
+    /// Lease grants and commands from the leader (dropped when full).
+    pub incoming: mpsc::Sender<pb::ControllerMessage>,
+}
+
 /// How one session attempt ended.
 enum Ended {
     /// Try this address next, at once.
@@ -101,7 +116,18 @@ enum Ended {
 /// (reports whose `seq` is not above the last one sent are skipped).
 pub async fn run(
     identity: Identity,
+    reports: watch::Receiver<Option<pb::AgentReport>>,
+    stop: watch::Receiver<bool>,
+) {
+    run_with(identity, reports, None, stop).await;
+}
+
+/// [`run`], with lease requests and command results sent from `channels.outgoing` and lease
+/// grants and commands delivered to `channels.incoming`.
+pub async fn run_with(
+    identity: Identity,
     mut reports: watch::Receiver<Option<pb::AgentReport>>,
+    mut channels: Option<Channels>,
     mut stop: watch::Receiver<bool>,
 ) {
     if identity.invoker_endpoints.is_empty() {
@@ -121,7 +147,16 @@ pub async fn run(
             next += 1;
             e
         });
-        match session(&identity, &endpoint, &mut reports, &mut stop, &mut last_seq).await {
+        match session(
+            &identity,
+            &endpoint,
+            &mut reports,
+            channels.as_mut(),
+            &mut stop,
+            &mut last_seq,
+        )
+        .await
+        {
             Ended::Stopped => return,
             Ended::Redirect(leader) => {
                 tracing::info!(from = %endpoint, to = %leader, "following the leader");
@@ -146,6 +181,7 @@ async fn session(
     identity: &Identity,
     endpoint: &str,
     reports: &mut watch::Receiver<Option<pb::AgentReport>>,
+    mut channels: Option<&mut Channels>,
     stop: &mut watch::Receiver<bool>,
     last_seq: &mut u64,
 ) -> Ended {
@@ -206,8 +242,38 @@ async fn session(
         Ok(_) => return Ended::Failed("unexpected first answer".into()),
         Err(e) => return Ended::Failed(format!("{:?}: {}", e.code(), e.message())),
     }
+    // Lease requests queued while no session was up are stale: drop them.
+    let mut backlog = Vec::new();
+    if let Some(c) = channels.as_deref_mut() {
+        while let Ok(m) = c.outgoing.try_recv() {
+            if matches!(m.body, Some(pb::agent_message::Body::CommandResult(_))) {
+                backlog.push(m);
+            }
+        }
+    }
+    for m in backlog {
+        if tx.send(m).await.is_err() {
+            return Ended::Failed("the session closed".into());
+        }
+    }
+    let mut outgoing_open = channels.is_some();
     loop {
+        let next_outgoing = async {
+            match channels.as_deref_mut() {
+                Some(c) if outgoing_open => c.outgoing.recv().await,
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            message = next_outgoing => {
+                let Some(message) = message else {
+                    outgoing_open = false;
+                    continue;
+                };
+                if tx.send(message).await.is_err() {
+                    return Ended::Failed("the session closed".into());
+                }
+            }
             changed = reports.changed() => {
                 if changed.is_err() {
                     return Ended::Stopped;
@@ -233,7 +299,17 @@ async fn session(
                         Ended::Redirect(n.leader_addr)
                     };
                 }
-                Ok(Some(_)) => {}
+                Ok(Some(message)) => {
+                    let wanted = matches!(
+                        message.body,
+                        Some(pb::controller_message::Body::LeaseGrant(_) | pb::controller_message::Body::Command(_))
+                    );
+                    if let (true, Some(c)) = (wanted, channels.as_deref_mut()) {
+                        if c.incoming.try_send(message).is_err() {
+                            tracing::warn!("a message from the leader was dropped: its consumer is behind");
+                        }
+                    }
+                }
                 Ok(None) => return Ended::Failed("the invoker closed the session".into()),
                 Err(e) => return Ended::Failed(format!("{:?}: {}", e.code(), e.message())),
             },

@@ -624,3 +624,537 @@ async fn e2e_policy_flapping_instance_shifts_at_most_once_per_hold_down() -> Res
     lab.down().await?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// The writer lease, the fence and the promotion, on the lab's real primary and replica. The
+// test plays the invoker leader's side of the session through the agent's channels.
+
+mod lease {
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, Result};
+    use invoker_api::pb;
+    use site_agent::lease::LeaseStatus;
+    use sqlx::{Connection, PgConnection};
+    use tokio::sync::{mpsc, watch};
+
+    pub async fn client(url: &str) -> Result<PgConnection> {
+        let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+        Ok(PgConnection::connect_with(&options.application_name("test-client")).await?)
+    }
+
+    /// The lease column (migration 20261124000003) and a table the test writes to.
+    pub async fn prepare(url: &str) -> Result<()> {
+        let mut c = client(url).await?;
+        for schema in ["wallet", "shadow_wallet"] {
+            sqlx::query(&format!(
+                "ALTER TABLE {schema}.fencing ADD COLUMN IF NOT EXISTS lease_until timestamptz NULL"
+            ))
+            .execute(&mut c)
+            .await?;
+        }
+        sqlx::query("CREATE TABLE IF NOT EXISTS public.agent_test (id bigint)")
+            .execute(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// A write in a new session: Ok or the SQLSTATE.
+    pub async fn write(url: &str) -> Result<Result<(), String>> {
+        let mut c = client(url).await?;
+        Ok(sqlx::query("INSERT INTO public.agent_test VALUES (1)")
+            .execute(&mut c)
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                sqlx::Error::Database(d) => d.code().unwrap_or_default().to_string(),
+                other => other.to_string(),
+            }))
+    }
+
+    /// (read_only, lease_until - now in ms, epoch) as a new session sees them.
+    pub async fn fencing(url: &str) -> Result<(bool, Option<i64>, i64)> {
+        let mut c = client(url).await?;
+        let row: (bool, Option<i64>, i64) = sqlx::query_as(
+            "SELECT current_setting('default_transaction_read_only') = 'on', \
+             (extract(epoch FROM lease_until - clock_timestamp()) * 1000)::bigint, epoch \
+             FROM wallet.fencing",
+        )
+        .fetch_one(&mut c)
+        .await?;
+        Ok(row)
+    }
+
+    pub fn config(url: &str) -> Result<site_agent::AgentConfig> {
+        Ok(toml::from_str(&format!(
+            "site = \"a\"\nrole = \"site\"\ndatabase_timeout_ms = 300\n\
+             [[sites]]\nsite = \"a\"\netcd_endpoints = [\"http://127.0.1.2:2379\"]\ndatabase_url = {url:?}\n"
+        ))?)
+    }
+
+    /// The leader's side of one agent's session.
+    pub struct Leader {
+        pub from_agent: mpsc::Receiver<pb::AgentMessage>,
+        pub to_agent: mpsc::Sender<pb::ControllerMessage>,
+        pub status: watch::Receiver<LeaseStatus>,
+        pub stop: watch::Sender<bool>,
+        pub task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Leader {
+        pub fn start(url: &str) -> Result<Leader> {
+            let config = config(url)?;
+            let (out_tx, out_rx) = mpsc::channel(64);
+            let (in_tx, in_rx) = mpsc::channel(64);
+            let (status_tx, status_rx) = watch::channel(LeaseStatus::default());
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let controller =
+                site_agent::lease::controller(&config, url, in_rx, out_tx, status_tx, stop_rx)?;
+            Ok(Leader {
+                from_agent: out_rx,
+                to_agent: in_tx,
+                status: status_rx,
+                stop: stop_tx,
+                task: tokio::spawn(controller),
+            })
+        }
+
+        /// A lease request sent from now on (queued ones are dropped, as a session would not
+        /// have sent them; so are queued command results).
+        pub async fn request(&mut self) -> Result<(pb::LeaseRequest, Instant)> {
+            while self.from_agent.try_recv().is_ok() {}
+            loop {
+                let m = tokio::time::timeout(Duration::from_secs(3), self.from_agent.recv())
+                    .await
+                    .context("no lease request within 3 s")?
+                    .context("the agent stopped")?;
+                if let Some(pb::agent_message::Body::LeaseRequest(r)) = m.body {
+                    return Ok((r, Instant::now()));
+                }
+            }
+        }
+
+        pub async fn result(&mut self) -> Result<pb::CommandResult> {
+            loop {
+                let m = tokio::time::timeout(Duration::from_secs(10), self.from_agent.recv())
+                    .await
+                    .context("no command result within 10 s")?
+                    .context("the agent stopped")?;
+                if let Some(pb::agent_message::Body::CommandResult(r)) = m.body {
+                    return Ok(r);
+                }
+            }
+        }
+
+        pub async fn answer(
+            &self,
+            request: &pb::LeaseRequest,
+            grant: pb::LeaseGrant,
+        ) -> Result<()> {
+            self.to_agent
+                .send(pb::ControllerMessage {
+                    body: Some(pb::controller_message::Body::LeaseGrant(pb::LeaseGrant {
+                        service: request.service.clone(),
+                        epoch: request.epoch,
+                        request_id: request.request_id,
+                        ..grant
+                    })),
+                })
+                .await?;
+            Ok(())
+        }
+
+        pub async fn grant(&self, request: &pb::LeaseRequest, duration_ms: u32) -> Result<()> {
+            self.answer(
+                request,
+                pb::LeaseGrant {
+                    granted: true,
+                    duration_ms,
+                    writer_site: "a".into(),
+                    writer_epoch: request.epoch,
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+
+        pub async fn command(&self, command: pb::AgentCommand) -> Result<()> {
+            self.to_agent
+                .send(pb::ControllerMessage {
+                    body: Some(pb::controller_message::Body::Command(command)),
+                })
+                .await?;
+            Ok(())
+        }
+
+        /// Waits until the agent's status satisfies `f`.
+        pub async fn until(
+            &mut self,
+            within: Duration,
+            what: &str,
+            f: impl Fn(&LeaseStatus) -> bool,
+        ) -> Result<LeaseStatus> {
+            let deadline = Instant::now() + within;
+            loop {
+                let s = self.status.borrow_and_update().clone();
+                if f(&s) {
+                    return Ok(s);
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{what}: not within {within:?}: {s:?}"
+                );
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(20), self.status.changed()).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_site_agent_writer_lease_renews_fences_before_expiry_and_unfences() -> Result<()> {
+    use invoker_api::pb;
+    use lease::{fencing, write, Leader};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-agent-lease-")
+        .tempdir_in("/tmp")?;
+    let lab = Lab::start(LabOptions::new(dir.path().join("lab"))).await?;
+    let url = lab.describe().endpoints.postgres["a"].clone();
+    lease::prepare(&url).await?;
+    let mut leader = Leader::start(&url)?;
+
+    phase("a primary that never had a lease (lease_until NULL): requests, no fence without grants");
+    let (r, _) = leader.request().await?;
+    assert_eq!((r.service.as_str(), r.epoch), ("wallet", 1), "{r:?}");
+    let (r2, _) = leader.request().await?;
+    assert!(r2.request_id > r.request_id);
+    let (r3, _) = leader.request().await?;
+    let s = leader.status.borrow().clone();
+    assert!(!s.enforced && !s.fenced && s.role == "primary", "{s:?}");
+    assert!(!fencing(&url).await?.0);
+    assert_eq!(write(&url).await?, Ok(()));
+
+    phase("a grant of 2500 ms: held, written into lease_until");
+    leader.grant(&r3, 2_500).await?;
+    leader
+        .until(Duration::from_secs(1), "held", |s| s.held)
+        .await?;
+    let (read_only, left_ms, _) = fencing(&url).await?;
+    let left_ms = left_ms.context("lease_until set")?;
+    assert!(!read_only);
+    assert!(
+        (1_000..=2_500).contains(&left_ms),
+        "lease_until - now = {left_ms} ms"
+    );
+
+    phase("grants stop: the agent fences the primary before the lease expires");
+    let mut open = lease::client(&url).await?;
+    sqlx::query("BEGIN").execute(&mut open).await?;
+    sqlx::query("SELECT epoch FROM wallet.fencing FOR SHARE")
+        .execute(&mut open)
+        .await?;
+    sqlx::query("INSERT INTO public.agent_test VALUES (2)")
+        .execute(&mut open)
+        .await?;
+    let s = leader
+        .until(Duration::from_secs(4), "fenced", |s| s.fenced)
+        .await?;
+    eprintln!(
+        "fenced in {:?} ms, {:?} ms before the lease expired",
+        s.last_fence_took_ms, s.last_fence_before_expiry_ms
+    );
+    let before = s
+        .last_fence_before_expiry_ms
+        .context("a running lease was fenced")?;
+    assert!(before > 0, "fenced after expiry: {s:?}");
+    assert!(!s.held);
+    let commit = sqlx::query("COMMIT").execute(&mut open).await;
+    assert!(
+        commit.is_err(),
+        "an open transaction committed after the fence"
+    );
+    let (read_only, left_ms, _) = fencing(&url).await?;
+    assert!(read_only);
+    assert!(left_ms.context("lease_until")? <= 0);
+    assert_eq!(write(&url).await?, Err("25006".to_string()), "read-only");
+    let mut check = lease::client(&url).await?;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM public.agent_test WHERE id = 2")
+        .fetch_one(&mut check)
+        .await?;
+    assert_eq!(count, 0, "the open transaction's insert committed");
+
+    phase("still no grant: sessions that come back are terminated again");
+    let mut late = lease::client(&url).await?;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut late).await.is_err(),
+        "a session opened after the fence survived the renewals"
+    );
+
+    phase("a grant again (the partition healed): lease written, unfenced");
+    let (r, _) = leader.request().await?;
+    leader.grant(&r, 2_500).await?;
+    leader
+        .until(Duration::from_secs(1), "unfenced", |s| !s.fenced && s.held)
+        .await?;
+    // The reload reaches new sessions at once.
+    let (read_only, left_ms, _) = fencing(&url).await?;
+    assert!(!read_only);
+    assert!(left_ms.context("lease_until")? > 1_000);
+    assert_eq!(write(&url).await?, Ok(()));
+
+    phase("the leader says the writer moved (b, epoch 2): fenced at once");
+    let (r, _) = leader.request().await?;
+    let refused = Instant::now();
+    leader
+        .answer(
+            &r,
+            pb::LeaseGrant {
+                granted: false,
+                error: "a failover is executing".into(),
+                writer_site: "b".into(),
+                writer_epoch: 2,
+                ..Default::default()
+            },
+        )
+        .await?;
+    leader
+        .until(Duration::from_secs(1), "fenced", |s| s.fenced)
+        .await?;
+    eprintln!("fenced {:?} after the refusal", refused.elapsed());
+    assert_eq!(write(&url).await?, Err("25006".to_string()));
+    let (r, _) = leader.request().await?;
+    leader.grant(&r, 2_500).await?;
+    leader
+        .until(Duration::from_secs(1), "unfenced", |s| !s.fenced)
+        .await?;
+
+    phase("FenceDatabase: a grant asked for before it never unfences; one asked for after does");
+    let (before_fence, _) = leader.request().await?;
+    leader
+        .command(pb::AgentCommand {
+            command_id: "fence-1".into(),
+            epoch: 2,
+            action: Some(pb::agent_command::Action::Fence(pb::FenceDatabase {
+                service: "wallet".into(),
+                terminate_sessions: true,
+            })),
+        })
+        .await?;
+    let result = leader.result().await?;
+    assert!(result.ok, "{result:?}");
+    assert!(result.lsn > 0);
+    eprintln!("fence command: {}", result.detail);
+    leader.grant(&before_fence, 2_500).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        fencing(&url).await?.0,
+        "a stale grant unfenced the database"
+    );
+    leader
+        .command(pb::AgentCommand {
+            command_id: "fence-1".into(),
+            epoch: 2,
+            action: Some(pb::agent_command::Action::Fence(pb::FenceDatabase {
+                service: "wallet".into(),
+                terminate_sessions: true,
+            })),
+        })
+        .await?;
+    assert_eq!(
+        leader.result().await?,
+        result,
+        "a repeat runs nothing and answers the same"
+    );
+    leader
+        .command(pb::AgentCommand {
+            command_id: "fault-1".into(),
+            epoch: 2,
+            action: Some(pb::agent_command::Action::InjectFault(pb::InjectFault {
+                fault: "readyz_fail:gift-api".into(),
+                duration_ms: 100,
+            })),
+        })
+        .await?;
+    let fault = leader.result().await?;
+    assert!(
+        !fault.ok && fault.error.contains("unsupported"),
+        "{fault:?}"
+    );
+    // Requests sent after the fence completed.
+    loop {
+        let (r, _) = leader.request().await?;
+        leader.grant(&r, 2_500).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !fencing(&url).await?.0 {
+            break;
+        }
+    }
+    assert_eq!(write(&url).await?, Ok(()));
+
+    let _ = leader.stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), leader.task).await;
+    lab.down().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_site_agent_fences_the_primary_and_promotes_the_replica() -> Result<()> {
+    use invoker_api::pb;
+    use lease::{fencing, write};
+    use site_agent::commands::Commands;
+    use site_agent::db::Db;
+    use site_agent::AgentError;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-agent-promote-")
+        .tempdir_in("/tmp")?;
+    let lab = Lab::start(LabOptions::new(dir.path().join("lab"))).await?;
+    let url_a = lab.describe().endpoints.postgres["a"].clone();
+    let url_b = lab.describe().endpoints.postgres["b"].clone();
+    lease::prepare(&url_a).await?;
+    let timeout = Duration::from_millis(500);
+    let mut a = Db::new(&url_a, "wallet", timeout)?;
+    let mut b = Db::new(&url_b, "wallet", timeout)?;
+    // The replica has replayed the column and the table.
+    let started = Instant::now();
+    while b.state().await.is_err() || lease::client(&url_b).await.is_err() {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "replica not caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    phase("the lease write: lease_until = now + remaining, only for the row's epoch");
+    let s = a.state().await?;
+    assert!(!s.in_recovery && s.epoch == 1 && !s.read_only, "{s:?}");
+    a.write_lease(1, Duration::from_secs(5)).await?;
+    let left = a.state().await?.lease_remaining_ms.context("lease")?;
+    assert!((4_000..=5_000).contains(&left), "{left}");
+    match a.write_lease(7, Duration::from_secs(5)).await {
+        Err(AgentError::EpochMismatch {
+            expected: 7,
+            database: 1,
+        }) => {}
+        other => panic!("expected an epoch mismatch, got {other:?}"),
+    }
+
+    phase("the fence: writes fail, an open transaction's session is killed; twice is fine");
+    let mut open = lease::client(&url_a).await?;
+    sqlx::query("BEGIN").execute(&mut open).await?;
+    sqlx::query("INSERT INTO public.agent_test VALUES (3)")
+        .execute(&mut open)
+        .await?;
+    let report = a.fence(true).await?;
+    eprintln!("fence: {report:?}");
+    assert!(report.terminated >= 1 && !report.replica, "{report:?}");
+    assert!(sqlx::query("COMMIT").execute(&mut open).await.is_err());
+    assert_eq!(write(&url_a).await?, Err("25006".into()));
+    let (read_only, left, _) = fencing(&url_a).await?;
+    assert!(read_only && left.context("lease")? <= 0);
+    let mut c = lease::client(&url_a).await?;
+    let streaming: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication")
+        .fetch_one(&mut c)
+        .await?;
+    assert_eq!(streaming, 1, "the fence cut the replica's stream");
+    let again = a.fence(true).await?;
+    assert!(!again.replica);
+    assert_eq!(write(&url_a).await?, Err("25006".into()));
+
+    phase("unfence: writes again");
+    assert!(a.unfence().await?);
+    assert!(!a.unfence().await?, "already off");
+    assert_eq!(write(&url_a).await?, Ok(()));
+
+    phase("promote with min_replay_lsn beyond reach: times out, stays a replica");
+    let control = Arc::new(site_agent::lease::Control::default());
+    let mut commands = Commands::new(
+        Db::new(&url_b, "wallet", timeout)?,
+        "wallet",
+        control.clone(),
+    );
+    let promote =
+        |id: &str, epoch: u64, min_replay_lsn: u64, catch_up_timeout_ms: u32| pb::AgentCommand {
+            command_id: id.into(),
+            epoch,
+            action: Some(pb::agent_command::Action::Promote(pb::PromoteDatabase {
+                service: "wallet".into(),
+                min_replay_lsn,
+                lease_ms: 3_000,
+                catch_up_timeout_ms,
+            })),
+        };
+    let far = commands
+        .handle(promote("p-far", 2, u64::MAX / 2, 300), Instant::now())
+        .await;
+    assert!(!far.ok && far.error.contains("catch_up_timeout"), "{far:?}");
+    assert!(
+        b.state().await?.in_recovery,
+        "promoted despite the catch-up timeout"
+    );
+
+    phase("the old primary fenced, the replica promoted to epoch 2 once caught up to it");
+    let mut fence_commands = Commands::new(Db::new(&url_a, "wallet", timeout)?, "wallet", control);
+    let fenced = fence_commands
+        .handle(
+            pb::AgentCommand {
+                command_id: "f-1".into(),
+                epoch: 2,
+                action: Some(pb::agent_command::Action::Fence(pb::FenceDatabase {
+                    service: "wallet".into(),
+                    terminate_sessions: true,
+                })),
+            },
+            Instant::now(),
+        )
+        .await;
+    assert!(fenced.ok, "{fenced:?}");
+    let started = Instant::now();
+    let promoted = commands
+        .handle(promote("p-2", 2, fenced.lsn, 5_000), Instant::now())
+        .await;
+    let took = started.elapsed();
+    eprintln!("promote: {took:?}: {}", promoted.detail);
+    assert!(promoted.ok, "{promoted:?}");
+    assert!(promoted.lsn >= fenced.lsn, "{promoted:?} vs {fenced:?}");
+    assert_eq!(promoted.ledger_sequence, fenced.ledger_sequence);
+    let s = b.state().await?;
+    assert!(!s.in_recovery && s.epoch == 2 && !s.read_only, "{s:?}");
+    let left = s.lease_remaining_ms.context("lease")?;
+    assert!((1_000..=3_000).contains(&left), "{left}");
+    assert_eq!(write(&url_b).await?, Ok(()));
+    let mut c = lease::client(&url_b).await?;
+    let shadow: i64 = sqlx::query_scalar("SELECT epoch FROM shadow_wallet.fencing")
+        .fetch_one(&mut c)
+        .await?;
+    assert_eq!(shadow, 2);
+    assert!(took < Duration::from_secs(1), "promotion took {took:?}");
+
+    phase("twice: the same result; a new command for the same epoch: ok; a lower epoch: refused");
+    let repeat = commands
+        .handle(promote("p-2", 2, fenced.lsn, 5_000), Instant::now())
+        .await;
+    assert_eq!(repeat, promoted);
+    let same = commands
+        .handle(promote("p-2b", 2, 0, 5_000), Instant::now())
+        .await;
+    assert!(same.ok && same.detail.contains("already"), "{same:?}");
+    let lower = commands
+        .handle(promote("p-1", 1, 0, 5_000), Instant::now())
+        .await;
+    assert!(
+        !lower.ok && lower.error.contains("higher_epoch"),
+        "{lower:?}"
+    );
+    assert_eq!(b.state().await?.epoch, 2);
+    assert_eq!(
+        write(&url_a).await?,
+        Err("25006".into()),
+        "the old primary stays fenced"
+    );
+    lab.down().await?;
+    Ok(())
+}

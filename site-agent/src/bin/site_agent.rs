@@ -92,9 +92,36 @@ async fn run(
     let interval = Duration::from_millis(config.probe_interval_ms);
     let (rounds_tx, rounds_rx) = tokio::sync::watch::channel(None);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let session = tokio::spawn(site_agent::session::run(
+    // A site agent with its own database keeps the writer lease and runs the leader's
+    // commands; the witness (no database) only reports.
+    let (lease_status, _lease_status_rx) = tokio::sync::watch::channel(Default::default());
+    let (channels, controller) = match config.own_database_url() {
+        Some(url) => {
+            let (outgoing_tx, outgoing_rx) = tokio::sync::mpsc::channel(64);
+            let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(64);
+            let controller = site_agent::lease::controller(
+                &config,
+                url,
+                incoming_rx,
+                outgoing_tx,
+                lease_status,
+                stop_rx.clone(),
+            )
+            .map_err(|e| Failure::Config(e.to_string()))?;
+            (
+                Some(site_agent::session::Channels {
+                    outgoing: outgoing_rx,
+                    incoming: incoming_tx,
+                }),
+                Some(tokio::spawn(controller)),
+            )
+        }
+        None => (None, None),
+    };
+    let session = tokio::spawn(site_agent::session::run_with(
         config.identity(),
         rounds_rx,
+        channels,
         stop_rx,
     ));
     let mut prober = Prober::new(config).map_err(|e| Failure::Config(e.to_string()))?;
@@ -146,6 +173,9 @@ async fn run(
     }
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
+    if let Some(controller) = controller {
+        let _ = tokio::time::timeout(Duration::from_secs(2), controller).await;
+    }
     tracing::info!("site-agent stopped cleanly");
     Ok(())
 }
