@@ -6,6 +6,7 @@ pub mod bench;
 pub mod lab;
 pub mod loadgen;
 pub mod scenarios;
+pub mod wallet_failover;
 
 pub use lab::{
     down_dir, Components, DownReport, Lab, LabDescription, LabError, LabOptions, ProcessInfo,

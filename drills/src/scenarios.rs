@@ -210,13 +210,31 @@ pub struct Partition {
 
 impl Partition {
     pub fn between_a_and_b() -> Result<Partition, ScenarioError> {
+        Partition::cut(&[("127.0.1.0/24", "127.0.2.0/24")])
+    }
+
+    /// Site a cut off from b and from the witness (the invoker quorum and the edge), alive
+    /// and reachable only from the host itself (127.0.0.1): "A isolated".
+    pub fn isolate_site_a() -> Result<Partition, ScenarioError> {
+        Partition::cut(&[
+            ("127.0.1.0/24", "127.0.2.0/24"),
+            ("127.0.1.0/24", "127.0.3.0/24"),
+        ])
+    }
+
+    /// Drops traffic both ways between each pair of ranges.
+    fn cut(pairs: &[(&str, &str)]) -> Result<Partition, ScenarioError> {
         let table = format!("lab_partition_{}", std::process::id());
-        let script = format!(
+        let mut script = format!(
             "add table inet {table}\n\
-             add chain inet {table} out {{ type filter hook output priority 0; }}\n\
-             add rule inet {table} out ip saddr 127.0.1.0/24 ip daddr 127.0.2.0/24 drop\n\
-             add rule inet {table} out ip saddr 127.0.2.0/24 ip daddr 127.0.1.0/24 drop\n"
+             add chain inet {table} out {{ type filter hook output priority 0; }}\n"
         );
+        for (x, y) in pairs {
+            script.push_str(&format!(
+                "add rule inet {table} out ip saddr {x} ip daddr {y} drop\n\
+                 add rule inet {table} out ip saddr {y} ip daddr {x} drop\n"
+            ));
+        }
         let path = std::env::temp_dir().join(format!("{table}.nft"));
         std::fs::write(&path, script)
             .map_err(|e| ScenarioError::Failed(format!("writing {}: {e}", path.display())))?;

@@ -1,7 +1,7 @@
-//! The gift services in each site: the wallet (gRPC, writes to the primary with epoch 1) and
-//! gift-api (HTTP, orders on the primary, reads from the site's own database, wallets of its
-//! own site first), each registered in its site's etcd under
-//! `/services/<service>/<site>/<instance>`.
+//! The gift services in each site: the wallet (gRPC, writes to the writer the invoker
+//! publishes in the site's etcd; the primary with epoch 1 until then) and gift-api (HTTP,
+//! orders on the same writer, reads from the site's own database, wallets of its own site
+//! first), each registered in its site's etcd under `/services/<service>/<site>/<instance>`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -111,6 +111,9 @@ impl ServicePlan {
         }
         if let Some(etcd) = &deps.etcd {
             config.push_str(&format!("etcd_endpoints = [{etcd:?}]\n"));
+            // The writer (and a pending failover) as the invoker publishes it in the site's
+            // etcd; the fixed database_url above serves until the first document arrives.
+            config.push_str("writer_key = \"/invoker/writers/wallet\"\n");
         }
         config
     }

@@ -342,6 +342,7 @@ pub async fn run(config: &LoadgenConfig) -> Result<LoadReport, LoadgenError> {
         "loadgen: timed run done"
     );
 
+    let committed_order_ids: Vec<String> = committed.iter().map(|c| c.order_id.clone()).collect();
     let readback = if config.readback {
         let r = read_back(&shared, committed, config.readback_concurrency).await;
         tracing::info!(
@@ -354,7 +355,9 @@ pub async fn run(config: &LoadgenConfig) -> Result<LoadReport, LoadgenError> {
     } else {
         ReadbackReport::default()
     };
-    LoadReport::assemble(config, setup, &stats, elapsed, readback)
+    let mut report = LoadReport::assemble(config, setup, &stats, elapsed, readback)?;
+    report.committed_order_ids = committed_order_ids;
+    Ok(report)
 }
 
 /// What the per-request tasks share.

@@ -228,6 +228,9 @@ pub struct LoadReport {
     pub readback: ReadbackReport,
     /// Successes and errors per 200 ms window of due time (availability over the run).
     pub timeline: super::timeline::Timeline,
+    /// Every send answered as committed (what the lost-transaction checks compare with).
+    #[serde(skip)]
+    pub committed_order_ids: Vec<String>,
 }
 
 fn per_sec(count: u64, secs: f64) -> f64 {
@@ -308,6 +311,7 @@ impl LoadReport {
             read_sources: stats.read_sources.clone(),
             readback,
             timeline: stats.timeline.clone(),
+            committed_order_ids: Vec::new(),
         })
     }
 

@@ -1,6 +1,7 @@
 //! `invokerctl`: the operators' CLI for the invoker control plane.
 
 mod output;
+mod wallet;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -102,6 +103,9 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
+    /// After a wallet failover: the lost-transaction report and compensations.
+    #[command(subcommand)]
+    Wallet(wallet::WalletCmd),
     /// Open a writer move by hand; it needs approval like any proposal. Planned (default):
     /// fences the old primary, waits for the replica to catch up, loses nothing.
     Switchover {
@@ -123,17 +127,17 @@ enum Cmd {
 
 /// Who approves: an operator configured on the invoker, and their token.
 #[derive(clap::Args)]
-struct OperatorArgs {
+pub(crate) struct OperatorArgs {
     /// Operator name as configured in the invoker's [[approvals.operators]].
     #[arg(long, env = "INVOKER_OPERATOR")]
-    operator: String,
+    pub(crate) operator: String,
     /// File holding the operator's token (or set INVOKER_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
 }
 
 impl OperatorArgs {
-    fn token(&self) -> Result<String> {
+    pub(crate) fn token(&self) -> Result<String> {
         match &self.token_file {
             Some(path) => Ok(std::fs::read_to_string(path)
                 .with_context(|| format!("reading the token from {}", path.display()))?
@@ -227,7 +231,7 @@ fn default_actor() -> String {
     format!("{user}@{host}")
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", status.message(), status.code())
 }
 
@@ -431,6 +435,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .into_inner();
             output::proposal_decided(&reply, cli.json)
         }
+        Cmd::Wallet(cmd) => wallet::run(cmd, &mut admin, cli.json).await,
         Cmd::Switchover {
             service,
             to,

@@ -648,6 +648,42 @@ impl pb::admin_server::Admin for AdminService {
         self.decide(&approver, &msg.reason, command, &what).await
     }
 
+    #[tracing::instrument(name = "admin.audit_operator_action", skip_all, fields(action = %request.get_ref().action, operator = %request.get_ref().operator))]
+    async fn audit_operator_action(
+        &self,
+        request: Request<pb::AuditOperatorActionRequest>,
+    ) -> Result<Response<pb::AuditOperatorActionResponse>, Status> {
+        let msg = request.get_ref();
+        validate_id("operator", &msg.operator).map_err(|e| domain_status(&e))?;
+        let action = msg.action.replace('.', "-");
+        validate_id("action", &action).map_err(|e| domain_status(&e))?;
+        validate_text("detail", &msg.detail, true).map_err(|e| domain_status(&e))?;
+        validate_text("reason", &msg.reason, true).map_err(|e| domain_status(&e))?;
+        if !self.node.is_leader() {
+            let error = ProposeError::NotLeader(self.node.leader().map(|(_, addr)| addr));
+            let mut leader = self.leader_client(&request, error)?;
+            return leader
+                .audit_operator_action(forwarded(request.into_inner()))
+                .await;
+        }
+        let operator = self
+            .authenticated(&msg.operator, &msg.credential, &msg.action)
+            .await?;
+        let command = Command::RecordAudit {
+            action: msg.action.clone(),
+            before: String::new(),
+            after: msg.detail.clone(),
+        };
+        match self
+            .node
+            .propose(domain_request(&operator, &msg.reason, command))
+            .await
+        {
+            Ok((log_index, _)) => Ok(Response::new(pb::AuditOperatorActionResponse { log_index })),
+            Err(e) => Err(propose_status(e)),
+        }
+    }
+
     #[tracing::instrument(name = "admin.open_switchover", skip_all, fields(service = %request.get_ref().service, to = %request.get_ref().to_site, operator = %request.get_ref().operator))]
     async fn open_switchover(
         &self,
