@@ -62,6 +62,9 @@ pub struct LostEntry {
     /// UTC, RFC 3339 with milliseconds.
     pub created_at: String,
     pub created_at_ms: i64,
+    /// The action of its compensation recorded on the new primary (`reapply` never shows
+    /// here: a reapplied entry is on the new primary, so it is not lost any more).
+    pub compensated: Option<String>,
 }
 
 /// An order on the old primary absent from the new one.
@@ -129,6 +132,7 @@ fn lost_entry(r: &PgRow) -> LostEntry {
         epoch: r.get("epoch"),
         created_at: r.get("at"),
         created_at_ms: r.get("at_ms"),
+        compensated: None,
     }
 }
 
@@ -183,11 +187,25 @@ pub async fn lost_report(
         let batch: Vec<LostEntry> = rows.iter().map(lost_entry).collect();
         let keys: Vec<String> = batch.iter().map(|e| e.idempotency_key.clone()).collect();
         let on_new = present(new, &format!("{w}.ledger"), "idempotency_key", &keys).await?;
-        entries.extend(
-            batch
-                .into_iter()
-                .filter(|e| !on_new.contains(&e.idempotency_key)),
-        );
+        let mut lost: Vec<LostEntry> = batch
+            .into_iter()
+            .filter(|e| !on_new.contains(&e.idempotency_key))
+            .collect();
+        if !lost.is_empty() {
+            let keys: Vec<&str> = lost.iter().map(|e| e.idempotency_key.as_str()).collect();
+            let done: BTreeMap<String, String> = sqlx::query_as::<_, (String, String)>(&format!(
+                "SELECT idempotency_key, action FROM {w}.compensations WHERE idempotency_key = ANY($1)"
+            ))
+            .bind(&keys)
+            .fetch_all(new)
+            .await?
+            .into_iter()
+            .collect();
+            for e in &mut lost {
+                e.compensated = done.get(&e.idempotency_key).cloned();
+            }
+        }
+        entries.extend(lost);
         if rows.len() < usize::try_from(BATCH).unwrap_or(usize::MAX) {
             break;
         }
@@ -293,8 +311,13 @@ fn fit(s: &str, width: usize) -> String {
 }
 
 /// `2026-11-24T10:11:12.345Z` → `11-24 10:11:12`.
-fn short_time(rfc3339: &str) -> &str {
-    rfc3339.get(5..19).unwrap_or(rfc3339)
+fn short_time(rfc3339: &str) -> String {
+    rfc3339.get(5..19).unwrap_or(rfc3339).replace('T', " ")
+}
+
+/// `2026-11-24T10:11:12.345Z` → `10:11:12`.
+fn time_of_day(rfc3339: &str) -> &str {
+    rfc3339.get(11..19).unwrap_or(rfc3339)
 }
 
 /// The report for people, within 80 columns. Idempotency keys longer than their column go on
@@ -309,6 +332,13 @@ pub fn render_report(report: &LostReport) -> String {
         report.scanned,
         report.from_seq
     );
+    if let (Some(first), Some(last)) = (report.entries.first(), report.entries.last()) {
+        let _ = writeln!(
+            out,
+            "from {} to {} (UTC)",
+            first.created_at, last.created_at
+        );
+    }
     if report.entries.is_empty() && report.orders.is_empty() {
         out.push_str("Nothing lost: every entry on the old primary is on the new one.\n");
         return out;
@@ -316,30 +346,29 @@ pub fn render_report(report: &LostReport) -> String {
     if !report.entries.is_empty() {
         let _ = writeln!(
             out,
-            "\n{:>9} {:<6} {:>10} {:>12}  {:<14}  KEY",
+            "\n{:>7} {:<6} {:>9} {:>10}  {:<8}  KEY",
             "SEQ", "KIND", "USER", "AMOUNT", "AT (UTC)"
         );
-        // 9+1+6+1+10+1+12+2+14+2 = 58 columns before the key.
-        const KEY_WIDTH: usize = 80 - 58;
+        // 7+1+6+1+9+1+10+2+8+2 = 47 columns before the key: 33 for it, enough for
+        // `refund:<order id>` (32). A key that does not fit goes on a line of its own.
         for e in &report.entries {
             let key = &e.idempotency_key;
-            let inline = if key.chars().count() <= KEY_WIDTH {
-                key.as_str()
-            } else {
-                ""
-            };
-            let _ = writeln!(
-                out,
-                "{:>9} {:<6} {:>10} {:>12}  {:<14}  {}",
+            let row = format!(
+                "{:>7} {:<6} {:>9} {:>10}  {:<8}  ",
                 e.seq,
                 e.kind,
                 e.user_id,
                 e.amount,
-                short_time(&e.created_at),
-                inline
+                time_of_day(&e.created_at),
             );
-            if inline.is_empty() {
+            if row.chars().count() + key.chars().count() <= 80 {
+                let _ = writeln!(out, "{row}{key}");
+            } else {
+                let _ = writeln!(out, "{}", row.trim_end());
                 let _ = writeln!(out, "          key: {}", fit(key, 80 - 15));
+            }
+            if let Some(action) = &e.compensated {
+                let _ = writeln!(out, "          compensated: {action}");
             }
         }
         out.push_str("\nBy kind:\n");
@@ -1001,6 +1030,7 @@ mod tests {
                     epoch: 1,
                     created_at: "2026-11-24T10:11:12.345Z".into(),
                     created_at_ms: 0,
+                    compensated: None,
                 },
                 LostEntry {
                     seq: 12,
@@ -1012,6 +1042,7 @@ mod tests {
                     epoch: 1,
                     created_at: "2026-11-24T10:11:13.000Z".into(),
                     created_at_ms: 0,
+                    compensated: Some("refund".into()),
                 },
             ],
             orders: vec![LostOrder {
@@ -1057,8 +1088,10 @@ mod tests {
             );
         }
         assert!(text.contains("credit:topup-1"), "{text}");
+        assert!(text.contains("compensated: refund"), "{text}");
         assert!(text.contains("debit:o0123456789abcdef01234567"), "{text}");
-        assert!(text.contains("11-24 10:11:12"), "{text}");
+        assert!(text.contains("11-24 10:11:13"), "{text}");
+        assert!(text.contains("  10:11:12  credit:topup-1"), "{text}");
     }
 
     #[test]
