@@ -239,8 +239,10 @@ impl Policy {
                     "unreachable"
                 };
                 let detail = format!(
-                    "{}/{} probes ok; {verdict} since {} ms",
-                    v.ok, v.total, v.since_ms
+                    "{}/{} probes ok; {verdict} for {} ms",
+                    v.ok,
+                    v.total,
+                    now_ms.saturating_sub(v.since_ms)
                 );
                 evidence(observer, probe, detail, v.at_ms)
             }
@@ -335,7 +337,7 @@ impl Policy {
         }
         if let Some(e) = self.edge.get(&key) {
             let since = e.above_since_ms.map_or("below threshold".to_string(), |t| {
-                format!("above threshold since {t} ms")
+                format!("above threshold for {} ms", now_ms.saturating_sub(t))
             });
             let detail = format!(
                 "{} of {} rps failed; {since}",
