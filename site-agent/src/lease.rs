@@ -11,8 +11,11 @@
 //!
 //! The local primary is fenced ([`crate::db::Db::fence`]): when the lease has less than
 //! `fence_margin_ms` left and no grant came (before it expires; logged loudly with how long
-//! before expiry the fence completed); at once when the leader answers that the writer is
-//! another site or epoch; and again at every renewal while the lease is not held.
+//! before expiry the fence completed); at once when the leader answers that the writer has
+//! moved (a higher epoch, or this epoch at another site; a writer record below the local
+//! epoch is a leader that has not recorded this site's promotion yet, and a refusal that
+//! names this site and epoch, e.g. during a failover's execution or without a quorum, lets
+//! the lease run out); and again at every renewal while the lease is not held.
 //!
 //! A database whose fencing row has `lease_until` NULL has never had a lease: nothing is
 //! enforced (and nothing fenced for want of a grant) until the first grant or a promotion
@@ -348,7 +351,7 @@ impl LeaseLoop {
                         "local primary fenced (lease expired in the database, read-only, sessions terminated)"
                     );
                 } else if report.terminated > 0 {
-                    tracing::info!(
+                    tracing::debug!(
                         terminated = report.terminated,
                         "still fenced: sessions terminated again"
                     );
@@ -379,7 +382,12 @@ impl LeaseLoop {
         if !grant.granted {
             self.view.refusals += 1;
             let current = self.epoch.unwrap_or(epoch);
-            if grant.writer_site != self.settings.site || grant.writer_epoch != current {
+            // Moved: a newer epoch, or this epoch at another site. A writer record BEHIND the
+            // local epoch is the leader not having recorded this site's promotion yet (it
+            // does once the promote result arrives): the promotion's lease runs meanwhile.
+            let moved = grant.writer_epoch > current
+                || (grant.writer_epoch == current && grant.writer_site != self.settings.site);
+            if moved {
                 tracing::error!(
                     writer_site = %grant.writer_site,
                     writer_epoch = grant.writer_epoch,
@@ -390,7 +398,12 @@ impl LeaseLoop {
                 self.enforced = true;
                 self.fence("the writer moved").await;
             } else {
-                tracing::warn!(error = %grant.error, "writer lease not granted");
+                tracing::warn!(
+                    writer_site = %grant.writer_site,
+                    writer_epoch = grant.writer_epoch,
+                    error = %grant.error,
+                    "writer lease not granted (the writer has not moved): the lease runs out"
+                );
             }
             return;
         }

@@ -904,6 +904,28 @@ async fn e2e_site_agent_writer_lease_renews_fences_before_expiry_and_unfences() 
     assert!(left_ms.context("lease_until")? > 1_000);
     assert_eq!(write(&url).await?, Ok(()));
 
+    phase("refused but the writer has not moved (a failover executing, no quorum): not fenced yet");
+    let (r, _) = leader.request().await?;
+    leader
+        .answer(
+            &r,
+            pb::LeaseGrant {
+                granted: false,
+                error: "proposal #1 moving \"wallet\"'s writer is approved".into(),
+                writer_site: "a".into(),
+                writer_epoch: 1,
+                ..Default::default()
+            },
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = leader.status.borrow().clone();
+    assert!(s.refusals >= 1 && !s.fenced, "{s:?}");
+    assert_eq!(write(&url).await?, Ok(()));
+    // A renewal keeps the lease going again.
+    let (r, _) = leader.request().await?;
+    leader.grant(&r, 2_500).await?;
+
     phase("the leader says the writer moved (b, epoch 2): fenced at once");
     let (r, _) = leader.request().await?;
     let refused = Instant::now();
@@ -1155,6 +1177,94 @@ async fn e2e_site_agent_fences_the_primary_and_promotes_the_replica() -> Result<
         Err("25006".into()),
         "the old primary stays fenced"
     );
+    lab.down().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_site_agent_fences_its_primary_while_the_invokers_are_frozen() -> Result<()> {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-agent-frozen-")
+        .tempdir_in("/tmp")?;
+    // The lab's own agents: agent-a keeps the wallet's writer lease through the real leader.
+    let mut options = LabOptions::new(dir.path().join("lab"));
+    options.agents = true;
+    let lab = Lab::start(options).await?;
+    let url = lab.describe().endpoints.postgres["a"].clone();
+    lease::prepare(&url).await?;
+
+    phase("agent-a holds the writer lease: lease_until is set and moves forward");
+    let started = Instant::now();
+    loop {
+        if let (false, Some(left), 1) = lease::fencing(&url).await? {
+            if left > 1_000 {
+                break;
+            }
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(15),
+            "no lease written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    phase("all three invokers frozen: no grant; the primary is fenced before the lease ends");
+    let invokers = ["invoker-1", "invoker-2", "invoker-3"];
+    for n in invokers {
+        lab.pause(n)?;
+    }
+    let frozen = Instant::now();
+    loop {
+        let (read_only, left, _) = lease::fencing(&url).await?;
+        if read_only {
+            assert!(
+                left.context("lease")? <= 0,
+                "read-only but the lease still runs"
+            );
+            break;
+        }
+        anyhow::ensure!(frozen.elapsed() < Duration::from_secs(5), "never fenced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("fenced {:?} after the freeze", frozen.elapsed());
+    assert_eq!(lease::write(&url).await?, Err("25006".to_string()));
+    // The fence logs once its last step is done (read-only shows before).
+    let log = lab.process("agent-a").context("agent-a")?.log.clone();
+    let (text, line) = loop {
+        let text = std::fs::read_to_string(&log)?;
+        if let Some(line) = text.lines().find(|l| l.contains("local primary fenced")) {
+            break (text.clone(), line.to_string());
+        }
+        anyhow::ensure!(
+            frozen.elapsed() < Duration::from_secs(8),
+            "no fence in the log: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("{line}");
+    assert!(text.contains("writer lease not renewed: fencing local primary"));
+    assert!(
+        line.contains("before_expiry_ms=Some(") && !line.contains("before_expiry_ms=Some(-"),
+        "{line}"
+    );
+
+    phase("thawed: a grant again, the primary is unfenced");
+    for n in invokers {
+        lab.resume(n)?;
+    }
+    let thawed = Instant::now();
+    loop {
+        if let (false, Some(left), _) = lease::fencing(&url).await? {
+            if left > 0 {
+                break;
+            }
+        }
+        anyhow::ensure!(thawed.elapsed() < Duration::from_secs(15), "never unfenced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("unfenced {:?} after the thaw", thawed.elapsed());
+    assert_eq!(lease::write(&url).await?, Ok(()));
     lab.down().await?;
     Ok(())
 }
