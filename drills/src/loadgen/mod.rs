@@ -297,6 +297,11 @@ pub fn targets_from_lab(dir: &Path, target: &LabTarget) -> Result<Vec<String>, L
     Ok(targets)
 }
 
+/// [`run`] owning its configuration, for `tokio::spawn`.
+pub async fn run_owned(config: LoadgenConfig) -> Result<LoadReport, LoadgenError> {
+    run(&config).await
+}
+
 /// Runs set-up, the timed run and read-back; see the module documentation.
 pub async fn run(config: &LoadgenConfig) -> Result<LoadReport, LoadgenError> {
     let targets = config.validate()?;
