@@ -520,3 +520,63 @@ async fn e2e_lost_report_finds_exactly_the_lost_entries_and_compensation_is_idem
     lab.down().await?;
     Ok(())
 }
+
+/// A measurement, not a check run by default: the report on a big ledger (200,000 entries on
+/// the old primary, 2,000 of them missing on the new one). `cargo nextest run -p
+/// gift-services --run-ignored only -E 'test(big_ledger)'`.
+#[tokio::test]
+#[ignore = "a measurement (about a minute)"]
+async fn e2e_lost_report_on_a_big_ledger() -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-lost-big-")
+        .tempdir_in("/tmp")?;
+    let lab = Lab::start(LabOptions::new(dir.path())).await?;
+    let url = lab.describe().endpoints.postgres["a"].clone();
+    let admin = connect(&url).await?;
+    let base = url.rsplit_once('/').context("db url")?.0.to_string();
+    for db in ["big_old", "big_new"] {
+        sqlx::query(&format!("CREATE DATABASE {db}"))
+            .execute(&admin)
+            .await?;
+    }
+    let old = connect(&format!("{base}/big_old")).await?;
+    let new = connect(&format!("{base}/big_new")).await?;
+    let (total, lost) = (200_000i64, 2_000i64);
+    for (pool, n) in [(&old, total), (&new, total - lost)] {
+        gift_services::migrate(pool).await?;
+        sqlx::query(
+            "INSERT INTO wallet.accounts (user_id, balance) \
+             SELECT u, 1000000 FROM generate_series(1, 1000) u",
+        )
+        .execute(pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO wallet.ledger (user_id, kind, amount, idempotency_key, epoch) \
+             SELECT 1 + i % 1000, 'credit', 1 + i % 97, 'credit:k' || i, 1 \
+             FROM generate_series(1, $1) i",
+        )
+        .bind(n)
+        .execute(pool)
+        .await?;
+        sqlx::query("ANALYZE").execute(pool).await?;
+    }
+    let started = std::time::Instant::now();
+    let report = lost::lost_report(&old, &new, Traffic::Real, 0).await?;
+    let elapsed = started.elapsed();
+    assert_eq!(report.entries.len() as i64, lost);
+    assert_eq!(report.scanned as i64, total);
+    eprintln!(
+        "lost_report: {total} entries scanned, {lost} lost, in {elapsed:?} ({:.0} entries/s)",
+        total as f64 / elapsed.as_secs_f64()
+    );
+    let started = std::time::Instant::now();
+    let report = lost::lost_report(&old, &new, Traffic::Real, total - 10_000).await?;
+    eprintln!(
+        "lost_report from seq {}: {} scanned in {:?}",
+        total - 10_000,
+        report.scanned,
+        started.elapsed()
+    );
+    lab.down().await?;
+    Ok(())
+}

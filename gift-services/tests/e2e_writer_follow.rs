@@ -282,8 +282,13 @@ async fn e2e_writer_follow_swaps_the_writer_and_refuses_while_pending() -> Resul
 
     phase("a new writer (gift2, epoch 2): both services move their writes there");
     let doc2 = json!({"site": "b", "epoch": 2, "dsn": env.url2, "revision": 11});
+    let published = Instant::now();
     env.publish(&doc2).await?;
     env.wait_epoch(2).await?;
+    eprintln!(
+        "writer switch seen by both services within {:?} of the put (50 ms polling)",
+        published.elapsed()
+    );
     let r = env.credit(7, 500, "k2").await?;
     assert!(committed(&r) && r.epoch == 2 && r.balance == 500, "{r:?}");
     assert!(ledger_has(&env.db2, "credit:k2").await?);
