@@ -1,6 +1,7 @@
 //! The leader's commands to a site agent, each run at most once per `command_id`: the
 //! result is remembered and sent again when the same id comes back (the leader re-sends a
-//! command whose result it did not see).
+//! command whose result it did not see). Transient failures (no answer from the database,
+//! recovery not over in time) are not remembered: a repeat runs the command again.
 //!
 //! - `FenceDatabase`: [`Db::fence`] (sessions terminated when asked). Result: `lsn` =
 //!   `pg_current_wal_lsn()` once fenced, `ledger_sequence` = the ledger's highest seq.
@@ -85,13 +86,17 @@ impl Commands {
             return result.clone();
         }
         let id = command.command_id.clone();
-        let result = self.execute(command, received).await;
+        let (result, transient) = self.execute(command, received).await;
         if result.ok {
             tracing::info!(command_id = %id, detail = %result.detail, lsn = result.lsn, ledger_sequence = result.ledger_sequence, "command done");
         } else {
             tracing::error!(command_id = %id, error = %result.error, "command failed");
         }
-        if !id.is_empty() {
+        // A transient failure (the database did not answer, recovery still running) is not
+        // remembered: the leader's repeat runs the command again, which is safe because
+        // every step is idempotent. Successes and definite refusals (a catch-up timeout, a
+        // higher epoch, unsupported) are: a repeat gets them again and runs nothing.
+        if !id.is_empty() && !transient {
             self.done.insert(id.clone(), result.clone());
             self.order.push_back(id);
             while self.order.len() > REMEMBERED {
@@ -103,7 +108,12 @@ impl Commands {
         result
     }
 
-    async fn execute(&mut self, command: pb::AgentCommand, received: Instant) -> pb::CommandResult {
+    /// The result, and whether it is a transient failure.
+    async fn execute(
+        &mut self,
+        command: pb::AgentCommand,
+        received: Instant,
+    ) -> (pb::CommandResult, bool) {
         use pb::agent_command::Action;
         let id = command.command_id.clone();
         let outcome = match command.action {
@@ -126,22 +136,28 @@ impl Commands {
             None => Err(AgentError::Unsupported("a command with no action".into())),
         };
         match outcome {
-            Ok((detail, positions)) => pb::CommandResult {
-                command_id: id,
-                ok: true,
-                error: String::new(),
-                detail,
-                lsn: positions.lsn,
-                ledger_sequence: positions.ledger_sequence,
-            },
-            Err(e) => pb::CommandResult {
-                command_id: id,
-                ok: false,
-                error: format!("{}: {e}", e.label()),
-                detail: String::new(),
-                lsn: 0,
-                ledger_sequence: 0,
-            },
+            Ok((detail, positions)) => (
+                pb::CommandResult {
+                    command_id: id,
+                    ok: true,
+                    error: String::new(),
+                    detail,
+                    lsn: positions.lsn,
+                    ledger_sequence: positions.ledger_sequence,
+                },
+                false,
+            ),
+            Err(e) => (
+                pb::CommandResult {
+                    command_id: id,
+                    ok: false,
+                    error: format!("{}: {e}", e.label()),
+                    detail: String::new(),
+                    lsn: 0,
+                    ledger_sequence: 0,
+                },
+                e.is_transient(),
+            ),
         }
     }
 

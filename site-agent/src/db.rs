@@ -22,6 +22,13 @@ use crate::AgentError;
 /// session of the database except those whose name starts with it (the agents' own).
 pub const APPLICATION_NAME: &str = "site-agent";
 
+/// Whether the configuration files (`ALTER SYSTEM`) turn `default_transaction_read_only`
+/// on: what new sessions get after a reload. A session's own `current_setting` only follows
+/// once it has processed the reload's SIGHUP, a moment later.
+const CONFIGURED_READ_ONLY: &str = "coalesce((SELECT lower(setting) IN ('on', 'true', 'yes', '1') \
+    FROM pg_file_settings WHERE name = 'default_transaction_read_only' AND applied \
+    ORDER BY seqno DESC LIMIT 1), false)";
+
 /// How often promotion and catch-up are polled (the approval → first gift budget is 1 s).
 const POLL: Duration = Duration::from_millis(10);
 /// How long recovery may take to end after `pg_promote`.
@@ -36,7 +43,7 @@ pub struct DbState {
     /// `lease_until - clock_timestamp()` in ms (negative: expired); `None`: NULL, no lease
     /// enforced yet.
     pub lease_remaining_ms: Option<i64>,
-    /// `default_transaction_read_only` as this session sees it after the last reload.
+    /// `default_transaction_read_only` as configured (`ALTER SYSTEM`), i.e. fenced.
     pub read_only: bool,
 }
 
@@ -164,7 +171,7 @@ impl Db {
         let sql = format!(
             "SELECT pg_is_in_recovery() AS recovery, f.epoch, \
              (extract(epoch FROM f.lease_until - clock_timestamp()) * 1000)::bigint AS lease_ms, \
-             current_setting('default_transaction_read_only') = 'on' AS read_only \
+             {CONFIGURED_READ_ONLY} AS read_only \
              FROM {}.fencing f",
             self.wallet()
         );
@@ -290,28 +297,40 @@ impl Db {
         .await
     }
 
-    /// `default_transaction_read_only` on (`ALTER SYSTEM` + reload) unless already on.
+    /// `default_transaction_read_only` on or off (`ALTER SYSTEM` + reload) unless already so;
+    /// returns whether it changed the configuration.
     async fn set_read_only(&mut self, on: bool) -> Result<bool, AgentError> {
         self.with("set default_transaction_read_only", move |c| {
             Box::pin(async move {
-                let current: bool = sqlx::query_scalar(
-                    "SELECT current_setting('default_transaction_read_only') = 'on'",
-                )
-                .fetch_one(&mut *c)
-                .await?;
-                if current == on {
-                    return Ok(false);
+                let configured: bool =
+                    sqlx::query_scalar(&format!("SELECT {CONFIGURED_READ_ONLY}"))
+                        .fetch_one(&mut *c)
+                        .await?;
+                let changed = configured != on;
+                if changed {
+                    let sql = if on {
+                        "ALTER SYSTEM SET default_transaction_read_only = on"
+                    } else {
+                        "ALTER SYSTEM RESET default_transaction_read_only"
+                    };
+                    sqlx::query(sql).execute(&mut *c).await?;
                 }
-                let sql = if on {
-                    "ALTER SYSTEM SET default_transaction_read_only = on"
-                } else {
-                    "ALTER SYSTEM RESET default_transaction_read_only"
-                };
-                sqlx::query(sql).execute(&mut *c).await?;
-                sqlx::query("SELECT pg_reload_conf()")
-                    .execute(&mut *c)
+                // Reloaded until this session runs with it (so the reload has happened; the
+                // other sessions follow at their next statement, or are terminated).
+                loop {
+                    let current: bool = sqlx::query_scalar(
+                        "SELECT current_setting('default_transaction_read_only') = 'on'",
+                    )
+                    .fetch_one(&mut *c)
                     .await?;
-                Ok(true)
+                    if current == on {
+                        return Ok(changed);
+                    }
+                    sqlx::query("SELECT pg_reload_conf()")
+                        .execute(&mut *c)
+                        .await?;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
             })
         })
         .await

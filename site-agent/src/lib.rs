@@ -66,6 +66,16 @@ pub enum AgentError {
 }
 
 impl AgentError {
+    /// The database did not answer or failed along the way: trying again may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Database { .. }
+                | AgentError::DatabaseTimeout { .. }
+                | AgentError::PromoteTimeout { .. }
+        )
+    }
+
     /// A short label per variant (logs, metrics).
     pub fn label(&self) -> &'static str {
         match self {

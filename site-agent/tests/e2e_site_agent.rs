@@ -1134,6 +1134,22 @@ async fn e2e_site_agent_fences_the_primary_and_promotes_the_replica() -> Result<
         )
         .await;
     assert!(fenced.ok, "{fenced:?}");
+    lab.pause("postgres-b")?;
+    let started = Instant::now();
+    let frozen = commands
+        .handle(promote("p-2", 2, fenced.lsn, 5_000), Instant::now())
+        .await;
+    let took = started.elapsed();
+    lab.resume("postgres-b")?;
+    assert!(
+        !frozen.ok && frozen.error.contains("database_timeout"),
+        "{frozen:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "a frozen replica held the command {took:?}"
+    );
+    // Not remembered: the leader's repeat of the same command runs it.
     let started = Instant::now();
     let promoted = commands
         .handle(promote("p-2", 2, fenced.lsn, 5_000), Instant::now())
