@@ -222,18 +222,35 @@ impl Partition {
         ])
     }
 
+    /// Drops one TCP connection's packets from `server_port` to `client_port` (both on
+    /// loopback): e.g. a primary's WAL stream to its replica (`pg_stat_replication`'s
+    /// `client_port`), so that what the primary commits meanwhile never reaches the replica.
+    pub fn tcp_stream(server_port: u16, client_port: u16) -> Result<Partition, ScenarioError> {
+        Partition::apply(&format!(
+            "tcp sport {server_port} tcp dport {client_port} drop\n"
+        ))
+    }
+
     /// Drops traffic both ways between each pair of ranges.
     fn cut(pairs: &[(&str, &str)]) -> Result<Partition, ScenarioError> {
+        let mut rules = String::new();
+        for (x, y) in pairs {
+            rules.push_str(&format!(
+                "ip saddr {x} ip daddr {y} drop\nip saddr {y} ip daddr {x} drop\n"
+            ));
+        }
+        Partition::apply(&rules)
+    }
+
+    /// One nft table of its own with `rules` (one per line) on the output hook.
+    fn apply(rules: &str) -> Result<Partition, ScenarioError> {
         let table = format!("lab_partition_{}", std::process::id());
         let mut script = format!(
             "add table inet {table}\n\
              add chain inet {table} out {{ type filter hook output priority 0; }}\n"
         );
-        for (x, y) in pairs {
-            script.push_str(&format!(
-                "add rule inet {table} out ip saddr {x} ip daddr {y} drop\n\
-                 add rule inet {table} out ip saddr {y} ip daddr {x} drop\n"
-            ));
+        for rule in rules.lines() {
+            script.push_str(&format!("add rule inet {table} out {rule}\n"));
         }
         let path = std::env::temp_dir().join(format!("{table}.nft"));
         std::fs::write(&path, script)

@@ -135,13 +135,35 @@ async fn e2e_wallet_failover_site_a_down_approved_under_load() -> Result<()> {
     let edge = scenarios::edge_url(&lab)?;
     funded(&edge).await?;
 
-    phase("gift sends at 50/s through the edge; 4 s in, every site-a process SIGKILLed");
+    phase("gift sends at 50/s through the edge; a's WAL stream to b cut for 1 s (b lags), then every site-a process SIGKILLed");
     let load_task = tokio::spawn(loadgen::run_owned(load(&edge, 50, 24)));
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // On loopback the replica is never a commit behind: drop the WAL stream's packets so
+    // that the failover does lose acknowledged gifts (what a commits meanwhile stays in its
+    // send buffer and dies with it), which the lost-report must then name exactly.
+    let client_port: u16 = lab
+        .psql(
+            "postgres-a",
+            "postgres",
+            "select client_port from pg_stat_replication limit 1",
+        )
+        .await?
+        .trim()
+        .parse()
+        .context("the replica's port")?;
+    let a_port: u16 = lab.describe().endpoints.postgres["a"]
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .context("a's port")?;
+    let cut = scenarios::Partition::tcp_stream(a_port, client_port)?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     for victim in scenarios::site_a_entirely(&lab) {
         lab.kill(&victim)?;
     }
     let killed = Instant::now();
+    drop(cut);
 
     phase("a wallet failover proposal within 3 s, with its data-loss estimate and plan");
     let (proposal, term) = wf::wait_for_proposal(&lab, Duration::from_secs(10)).await?;
@@ -226,6 +248,14 @@ async fn e2e_wallet_failover_site_a_down_approved_under_load() -> Result<()> {
 
     phase("the old primary returns: it commits no wallet write (lease expired, old epoch)");
     lab.restart("postgres-a").await?;
+    let fencing = lab
+        .psql(
+            "postgres-a",
+            "gift",
+            "select epoch, lease_until, clock_timestamp() from wallet.fencing",
+        )
+        .await?;
+    eprintln!("a's fencing row: {fencing}");
     let attack = lab
         .psql(
             "postgres-a",

@@ -211,14 +211,38 @@ impl Db {
     /// Writes the lease into both fencing rows of `epoch`: `lease_until = clock_timestamp()
     /// + remaining` (a duration: the two hosts' clocks are never compared).
     pub async fn write_lease(&mut self, epoch: u64, remaining: Duration) -> Result<(), AgentError> {
+        self.set_lease(epoch, remaining, false).await
+    }
+
+    /// A peer's renewal of another site's writer database: only pushes a lease that is still
+    /// running further out, never revives an expired (fenced) one and never shortens one.
+    pub async fn extend_lease(
+        &mut self,
+        epoch: u64,
+        remaining: Duration,
+    ) -> Result<(), AgentError> {
+        self.set_lease(epoch, remaining, true).await
+    }
+
+    async fn set_lease(
+        &mut self,
+        epoch: u64,
+        remaining: Duration,
+        extend_only: bool,
+    ) -> Result<(), AgentError> {
         let updates: Vec<String> = self
             .schemas
             .iter()
             .map(|s| {
-                format!(
-                    "UPDATE {s}.fencing SET lease_until = clock_timestamp() + $2::float8 * interval '1 millisecond' \
-                     WHERE epoch = $1"
-                )
+                let until = "clock_timestamp() + $2::float8 * interval '1 millisecond'";
+                if extend_only {
+                    format!(
+                        "UPDATE {s}.fencing SET lease_until = greatest(lease_until, {until}) \
+                         WHERE epoch = $1 AND lease_until > clock_timestamp()"
+                    )
+                } else {
+                    format!("UPDATE {s}.fencing SET lease_until = {until} WHERE epoch = $1")
+                }
             })
             .collect();
         let remaining_ms = to_i64(ms(remaining));

@@ -301,6 +301,7 @@ impl LeaseLoop {
                 service: self.settings.service.clone(),
                 epoch,
                 request_id,
+                site: String::new(),
             })),
         };
         let sent = Instant::now();

@@ -23,6 +23,7 @@ pub mod config;
 pub mod db;
 pub mod discovery;
 pub mod lease;
+pub mod peer_lease;
 pub mod probe;
 pub mod session;
 

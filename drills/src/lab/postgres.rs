@@ -228,6 +228,20 @@ pub(crate) async fn base_backup(
             .map_err(|e| LabError::io(format!("removing {}", data_dir.display()), e))?;
     }
     make_data_dir(&data_dir, pg)?;
+    // A slot of its own on the source: the source's data directory still names the slot it
+    // streamed through as a replica (`primary_slot_name`), which `-S` overrides.
+    let slot = format!("lab_replica_{}", target.site);
+    let drop_slot = format!(
+        "select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = '{slot}'"
+    );
+    psql(&pg.bin, &source.host, source.port, "postgres", &drop_slot)
+        .await
+        .map_err(|detail| LabError::CommandFailed {
+            command: drop_slot.clone(),
+            status: "failed".into(),
+            log: source.log(dir),
+            tail: detail,
+        })?;
     target
         .tool(
             dir,
@@ -245,6 +259,9 @@ pub(crate) async fn base_backup(
                 "-R".into(),
                 "-X".into(),
                 "stream".into(),
+                "-C".into(),
+                "-S".into(),
+                slot,
                 "--checkpoint=fast".into(),
                 "--no-sync".into(),
             ],

@@ -325,9 +325,13 @@ impl State {
                 if execution.fence.is_none() {
                     return refuse(format!("proposal #{id}: fence (or skip) before promoting"));
                 }
-                if request.at_ms < execution.old_lease_expires_at_ms {
+                // A fenced old primary can commit nothing (its lease is expired in the
+                // database, it is read-only, its sessions are gone): no need to wait for the
+                // lease. Otherwise the lease must be over.
+                let fenced = execution.fence.as_ref().is_some_and(|f| f.ok);
+                if !fenced && request.at_ms < execution.old_lease_expires_at_ms {
                     return refuse(format!(
-                        "proposal #{id}: the old lease runs until {}",
+                        "proposal #{id}: the old primary is not fenced and its lease runs until {}",
                         crate::format_utc_ms(execution.old_lease_expires_at_ms)
                     ));
                 }
@@ -721,6 +725,31 @@ mod tests {
             &mut state,
             15,
             at(T0 + 60_001, "agent-a", renew("a", 1))
+        )));
+    }
+
+    #[test]
+    fn a_fenced_old_primary_is_promoted_past_without_waiting_for_its_lease() {
+        let mut state = lab();
+        apply(&mut state, 2, at(T0, "agent-a", renew("a", 1)));
+        let id = approved(&mut state, T0 + 100, true);
+        apply(
+            &mut state,
+            12,
+            at(T0 + 200, "leader", Command::BeginFailover { id, term: 3 }),
+        );
+        let fenced = step(id, FailoverStep::Fenced(result(true, 500)));
+        assert!(!refused(&apply(
+            &mut state,
+            13,
+            at(T0 + 300, "leader", fenced)
+        )));
+        // The lease (until T0 + 3000) is not over, but the old primary is fenced.
+        let promote = step(id, FailoverStep::Promoted(result(true, 600)));
+        assert!(!refused(&apply(
+            &mut state,
+            14,
+            at(T0 + 400, "leader", promote)
         )));
     }
 

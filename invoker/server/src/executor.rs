@@ -8,9 +8,9 @@
 //!
 //! Order, per proposal: begin (renewals stop) → fence the old primary through its site's
 //! agent (an unplanned failover may skip an unreachable one, but only once the old lease has
-//! expired) → wait for the old lease to expire → promote the target through its agent (which
-//! writes the new epoch into the fencing row) → complete (the writer moves; the publisher
-//! tells every site's wallets).
+//! expired) → unless it was fenced, wait for the old lease to expire → promote the target
+//! through its agent (which writes the new epoch into the fencing row) → complete (the writer
+//! moves; the publisher tells every site's wallets).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -336,8 +336,9 @@ async fn drive(node: &Node, config: &LeaseConfig, p: &Proposal) -> Result<(), St
         return Ok(());
     }
     if execution.promote.is_none() {
+        let fenced = execution.fence.as_ref().is_some_and(|f| f.ok);
         let wait = lease_over_at - crate::now_ms();
-        if wait > 0 {
+        if !fenced && wait > 0 {
             // Nothing is promoted while the old writer may still hold its lease.
             tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0))).await;
         }

@@ -116,7 +116,25 @@ async fn run(
                 Some(tokio::spawn(controller)),
             )
         }
-        None => (None, None),
+        // The witness reads every site's database: it renews the writer's lease from outside
+        // (never fences), so the writer site's agent dying alone does not stop payments.
+        None => match site_agent::peer_lease::PeerLease::from_config(&config)
+            .map_err(|e| Failure::Config(e.to_string()))?
+        {
+            Some(peer) => {
+                let (outgoing_tx, outgoing_rx) = tokio::sync::mpsc::channel(64);
+                let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(64);
+                let task = tokio::spawn(peer.run(incoming_rx, outgoing_tx, stop_rx.clone()));
+                (
+                    Some(site_agent::session::Channels {
+                        outgoing: outgoing_rx,
+                        incoming: incoming_tx,
+                    }),
+                    Some(task),
+                )
+            }
+            None => (None, None),
+        },
     };
     let session = tokio::spawn(site_agent::session::run_with(
         config.identity(),

@@ -266,17 +266,27 @@ impl pb::agent_session_server::AgentSession for AgentService {
                         continue;
                     }
                     Some(pb::agent_message::Body::LeaseRequest(lease)) => {
-                        if generation.is_some() {
+                        // Site agents renew their own site's writer lease; the witness agent
+                        // renews the writer's database from outside (it has none of its own).
+                        let site = if lease.site.is_empty() {
+                            hello.site.clone()
+                        } else {
+                            lease.site.clone()
+                        };
+                        let own_or_peer = !edge
+                            && ((role == SiteRole::Site && site == hello.site)
+                                || (role == SiteRole::Witness && site != hello.site));
+                        if own_or_peer {
                             // Committing takes a raft round trip: never hold the reports up.
                             tokio::spawn(grant_lease(
                                 node.clone(),
-                                hello.site.clone(),
+                                site,
                                 agent.clone(),
                                 lease,
                                 tx.clone(),
                             ));
                         } else {
-                            tracing::warn!(%agent, "lease request from a non-site agent ignored");
+                            tracing::warn!(%agent, %site, "lease request ignored: a site agent renews its own site's lease, the witness another site's");
                         }
                         continue;
                     }
@@ -353,14 +363,22 @@ async fn grant_lease(
         },
     };
     let result = node.propose(request).await;
-    let writer = node
-        .sm
-        .read()
-        .await
-        .state
-        .writers
-        .get(&lease.service)
-        .cloned();
+    // The writer to tell the agent about: once a failover is approved, the one it moves to,
+    // so that the old site fences at once instead of letting its lease run out.
+    let writer = {
+        let data = node.sm.read().await;
+        let state = &data.state;
+        state
+            .failover_in_progress(&lease.service)
+            .and_then(|id| state.proposals.get(&id))
+            .and_then(|p| p.plan.as_ref())
+            .map(|plan| invoker_domain::Writer {
+                site: plan.to_site.clone(),
+                epoch: plan.new_epoch,
+                dsn: plan.to_dsn.clone(),
+            })
+            .or_else(|| state.writers.get(&lease.service).cloned())
+    };
     let (granted, error) = match result {
         Ok((_, invoker_domain::Response::Applied(_))) => (true, String::new()),
         Ok((_, other)) => (false, format!("unexpected result {other:?}")),
