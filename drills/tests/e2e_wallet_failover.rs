@@ -176,7 +176,7 @@ async fn e2e_wallet_failover_site_a_down_approved_under_load() -> Result<()> {
         proposal_after <= Duration::from_secs(3),
         "{proposal_after:?}"
     );
-    let loss = proposal.data_loss.clone().context("data-loss estimate")?;
+    let loss = proposal.data_loss.context("data-loss estimate")?;
     assert!(
         loss.primary_last_lsn > 0 && loss.replica_receive_lsn > 0,
         "{loss:?}"
