@@ -244,7 +244,9 @@ impl Partition {
 
     /// One nft table of its own with `rules` (one per line) on the output hook.
     fn apply(rules: &str) -> Result<Partition, ScenarioError> {
-        let table = format!("lab_partition_{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let table = format!("lab_partition_{}_{n}", std::process::id());
         let mut script = format!(
             "add table inet {table}\n\
              add chain inet {table} out {{ type filter hook output priority 0; }}\n"

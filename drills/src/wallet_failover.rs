@@ -236,19 +236,26 @@ pub async fn first_committed_gift(
     Err(failed(format!("no gift committed within {within:?}")))
 }
 
-/// `invokerctl --json wallet lost-report` against the lab.
+/// `invokerctl --json wallet lost-report` against the lab; retried for a while when no
+/// leader is known (a healed partition may cause an election).
 pub fn lost_report(lab: &Lab) -> Result<serde_json::Value, ScenarioError> {
     let bin = crate::lab::find_bin("invokerctl")?;
-    let out = std::process::Command::new(bin)
-        .args(["--json", "--endpoints", &lab.invoker_endpoints().join(",")])
-        .args(["wallet", "lost-report"])
-        .output()
-        .map_err(|e| failed(format!("running invokerctl: {e}")))?;
-    if !out.status.success() {
-        return Err(failed(format!(
-            "invokerctl wallet lost-report: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let out = std::process::Command::new(&bin)
+            .args(["--json", "--endpoints", &lab.invoker_endpoints().join(",")])
+            .args(["wallet", "lost-report"])
+            .output()
+            .map_err(|e| failed(format!("running invokerctl: {e}")))?;
+        if out.status.success() {
+            return serde_json::from_slice(&out.stdout)
+                .map_err(|e| failed(format!("lost-report JSON: {e}")));
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if attempts >= 10 || !stderr.contains("leader") {
+            return Err(failed(format!("invokerctl wallet lost-report: {stderr}")));
+        }
+        std::thread::sleep(Duration::from_secs(1));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| failed(format!("lost-report JSON: {e}")))
 }

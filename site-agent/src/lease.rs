@@ -287,8 +287,12 @@ impl LeaseLoop {
         self.enforced |= state.lease_remaining_ms.is_some();
         self.request(state.epoch);
         if self.enforced && !self.held(Instant::now()) {
-            // Keep fencing while the lease is not held (sessions may have come back).
-            self.fence("writer lease not held").await;
+            // Keep fencing while the lease is not held. Sessions are terminated only until the
+            // database is seen read-only: later ones cannot commit a ledger entry (read-only,
+            // lease expired at COMMIT), and operators must be able to read an old primary
+            // (the lost-transaction report) without being cut off every renewal.
+            let terminate = !(self.fenced && state.read_only);
+            self.fence_with("writer lease not held", terminate).await;
         }
         drop(shared);
     }
@@ -336,8 +340,12 @@ impl LeaseLoop {
 
     /// Fences the local primary and forgets the lease.
     async fn fence(&mut self, reason: &str) {
+        self.fence_with(reason, true).await;
+    }
+
+    async fn fence_with(&mut self, reason: &str, terminate: bool) {
         let deadline = self.deadline.take();
-        match self.db.fence(true).await {
+        match self.db.fence(terminate).await {
             Ok(report) => {
                 let left = deadline.map(|d| signed_ms(d, Instant::now()));
                 self.view.last_fence_took_ms = Some(report.took_ms);
