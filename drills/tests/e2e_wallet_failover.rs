@@ -128,6 +128,24 @@ fn lost_entries(report: &serde_json::Value) -> Vec<(String, String, String)> {
         .unwrap_or_default()
 }
 
+/// `invokerctl --json wallet compensate KEY --action ACTION` as the lab's on-call operator.
+fn compensate(lab: &Lab, key: &str, action: &str) -> Result<serde_json::Value> {
+    let oncall = lab.describe().oncall.clone().context("on-call")?;
+    let out = std::process::Command::new(drills::lab::find_bin("invokerctl")?)
+        .args(["--json", "--endpoints", &lab.invoker_endpoints().join(",")])
+        .args(["wallet", "compensate", key, "--action", action])
+        .args(["--operator", &oncall.operator, "--reason", "e2e"])
+        .arg("--token-file")
+        .arg(&oncall.token_file)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "compensate {key} {action}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 /// Runs `reconcile --json` on `url`; the order ids its mismatches name.
 fn reconcile_mismatches(url: &str) -> Result<(serde_json::Value, BTreeSet<String>)> {
     let out = std::process::Command::new(drills::lab::find_bin("reconcile")?)
@@ -308,6 +326,42 @@ async fn e2e_wallet_failover_site_a_down_approved_under_load() -> Result<()> {
         "{} acknowledged gifts lost, all in the report",
         acknowledged_lost.len()
     );
+
+    phase("compensation: one lost gift re-applied (twice: once), one refunded; both audited");
+    let mut lost_gifts = lost_debits.iter();
+    let reapplied = lost_gifts.next().context("a lost gift")?.clone();
+    let refunded = lost_gifts.next().context("a second lost gift")?.clone();
+    let first = compensate(&lab, &format!("debit:{reapplied}"), "reapply")?;
+    assert_eq!(first["already_done"], false, "{first:#}");
+    let again = compensate(&lab, &format!("debit:{reapplied}"), "reapply")?;
+    assert_eq!(again["already_done"], true, "{again:#}");
+    let conflicting = compensate(&lab, &format!("debit:{reapplied}"), "refund");
+    assert!(
+        conflicting.is_err(),
+        "another action on a compensated entry: {conflicting:?}"
+    );
+    compensate(&lab, &format!("debit:{refunded}"), "refund")?;
+    let on_b = debited(&lab, "postgres-b", &[reapplied.clone(), refunded.clone()]).await?;
+    assert!(on_b.contains(&reapplied), "the re-applied debit is on b");
+    assert!(
+        !on_b.contains(&refunded),
+        "the refunded gift charged nobody"
+    );
+    let audit = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints())
+        .await?
+        .admin()
+        .list_audit(invoker_api::pb::ListAuditRequest {
+            limit: 100,
+            before_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let compensations = audit
+        .entries
+        .iter()
+        .filter(|e| e.action == "wallet.compensate")
+        .count();
+    assert!(compensations >= 3, "{:?}", audit.entries);
 
     phase("reconciliation on b: no double debit, no mismatch outside the lost-report");
     tokio::time::sleep(Duration::from_secs(3)).await;
