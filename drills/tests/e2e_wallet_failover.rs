@@ -577,6 +577,72 @@ async fn e2e_wallet_failover_planned_switchover_loses_nothing() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_wallet_failover_a_new_leader_resumes_an_execution_cut_short() -> Result<()> {
+    let (_dir, mut lab) = wallet_lab("e2e-wf-resume-", &[]).await?;
+    let edge = scenarios::edge_url(&lab)?;
+    funded(&edge).await?;
+
+    phase("b's agent frozen, so the promotion hangs; a planned switchover approved");
+    lab.pause("agent-b")?;
+    let (proposal, term) = wf::open_switchover(&lab, "b", true).await?;
+    wf::approve(&lab, &proposal, term)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s:?}"))?;
+    let started = Instant::now();
+    let begun = loop {
+        let p = wf::proposal(&lab, proposal.id).await?;
+        if let Some(e) = p.execution.as_ref().filter(|e| e.fence.is_some()) {
+            break e.clone();
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "no fence step: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(begun.promote.is_none(), "promoted with b's agent frozen");
+    assert!(begun.fence.as_ref().is_some_and(|f| f.ok), "{begun:?}");
+
+    phase("the leader SIGKILLed mid-execution; b's agent thawed; a new leader finishes");
+    let (leader_id, leader) = lab.invoker_leader(Duration::from_secs(5)).await?;
+    lab.kill(&leader)?;
+    lab.resume("agent-b")?;
+    let executed = wf::wait_executed(&lab, proposal.id, Duration::from_secs(30)).await?;
+    let execution = executed.execution.context("execution")?;
+    let (new_leader_id, _) = lab.invoker_leader(Duration::from_secs(5)).await?;
+    eprintln!(
+        "begun in term {} by node {leader_id}; finished by node {new_leader_id}: {execution:?}",
+        execution.term
+    );
+    assert_ne!(leader_id, new_leader_id);
+    assert!(execution.promote.as_ref().is_some_and(|p| p.ok));
+    assert_eq!(
+        wf::wallet_lease(&lab).await?.map(|l| (l.0, l.1)),
+        Some(("b".to_string(), 2))
+    );
+    let audit = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints())
+        .await?
+        .admin()
+        .list_audit(invoker_api::pb::ListAuditRequest {
+            limit: 100,
+            before_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let moves = audit
+        .entries
+        .iter()
+        .filter(|e| e.action.starts_with("writer.move wallet"))
+        .count();
+    assert_eq!(moves, 1, "the writer moved once: {:?}", audit.entries);
+    wf::first_committed_gift(&edge, 11, Instant::now(), Duration::from_secs(5)).await?;
+    let lost = wf::lost_report(&lab)?;
+    assert!(lost_entries(&lost).is_empty(), "{lost:#}");
+    lab.down().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_wallet_failover_frozen_old_primary_commits_nothing_when_resumed() -> Result<()> {
     let (_dir, lab) = wallet_lab("e2e-wf-frozen-", &[]).await?;
     let edge = scenarios::edge_url(&lab)?;
