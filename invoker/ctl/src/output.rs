@@ -531,7 +531,16 @@ pub fn proposals(r: &pb::ListProposalsResponse, as_json: bool) -> Result<()> {
             invoker_domain::format_utc_ms(p.created_at_ms),
             invoker_domain::format_utc_ms(p.expires_at_ms)
         );
-        if let Some(l) = &p.data_loss {
+        let planned = p.plan.as_ref().is_some_and(|plan| plan.planned);
+        let estimated = p
+            .data_loss
+            .as_ref()
+            .is_some_and(|l| l.primary_last_lsn > 0 || l.primary_last_seen_ms > 0);
+        if planned {
+            println!("      could lose: nothing (planned: fence first, then catch up)");
+        } else if !estimated {
+            println!("      could lose: unknown (opened by hand); see wallet lost-report after");
+        } else if let Some(l) = &p.data_loss {
             println!(
                 "      could lose: {} bytes of WAL (primary at {}, replica received {}, replayed {}), {} ledger entries; primary last seen {}",
                 l.gap_bytes,
