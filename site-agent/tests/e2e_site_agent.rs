@@ -884,12 +884,26 @@ async fn e2e_site_agent_writer_lease_renews_fences_before_expiry_and_unfences() 
         .await?;
     assert_eq!(count, 0, "the open transaction's insert committed");
 
-    phase("still no grant: sessions that come back are terminated again");
+    phase(
+        "still no grant: a session that comes back reads (the lost-report does) but cannot write",
+    );
     let mut late = lease::client(&url).await?;
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     assert!(
-        sqlx::query("SELECT 1").execute(&mut late).await.is_err(),
-        "a session opened after the fence survived the renewals"
+        sqlx::query("SELECT 1").execute(&mut late).await.is_ok(),
+        "a reading session was cut off by a renewal while the database was already read-only"
+    );
+    let late_write = sqlx::query("INSERT INTO public.agent_test VALUES (3)")
+        .execute(&mut late)
+        .await;
+    assert!(
+        matches!(&late_write, Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("25006")),
+        "a session opened after the fence wrote: {late_write:?}"
+    );
+    let (read_only, left_ms, _) = fencing(&url).await?;
+    assert!(
+        read_only && left_ms.is_some_and(|ms| ms <= 0),
+        "still fenced"
     );
 
     phase("a grant again (the partition healed): lease written, unfenced");
