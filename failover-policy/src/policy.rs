@@ -213,6 +213,9 @@ pub struct Policy {
     pub(crate) probes: BTreeMap<(String, String, Target), Streak>,
     /// Last reachable database probe per (site, service), from any observer.
     pub(crate) databases: BTreeMap<(String, String), DbSeen>,
+    /// When a remote observer (not the site's own agent) last failed to reach the site's
+    /// database, per (site, service); cleared when a remote observer reaches it.
+    pub(crate) databases_lost: BTreeMap<(String, String), u64>,
     pub(crate) edge: BTreeMap<(String, String), EdgeSeen>,
     healthy_since_ms: BTreeMap<(String, String), u64>,
     services: BTreeMap<String, ServiceState>,
@@ -229,6 +232,7 @@ impl Policy {
             views: BTreeMap::new(),
             probes: BTreeMap::new(),
             databases: BTreeMap::new(),
+            databases_lost: BTreeMap::new(),
             edge: BTreeMap::new(),
             healthy_since_ms: BTreeMap::new(),
             services: BTreeMap::new(),
@@ -424,6 +428,14 @@ impl Policy {
                 if local {
                     let key = (target.site.clone(), d.service.clone(), Target::Database);
                     self.record_probe(key, reachable, d.probed_at_ms, at_ms);
+                }
+                if !local {
+                    let key = (target.site.clone(), d.service.clone());
+                    if reachable {
+                        self.databases_lost.remove(&key);
+                    } else {
+                        self.databases_lost.insert(key, at_ms);
+                    }
                 }
                 if reachable {
                     let seen = DbSeen {
@@ -707,8 +719,12 @@ impl Policy {
                 }
                 // The writer's database itself still answers a remote observer as primary:
                 // only the site's instances are down, and the peer's instances serve the
-                // service against it. Moving the writer would only risk losing data.
-                if self.writer_database_answers(service, from, now_ms) {
+                // service against it. Moving the writer would only risk losing data. And
+                // absence of evidence is not enough (a new leader that has not heard from the
+                // witness yet): a remote observer must have failed to reach it, lately.
+                if self.writer_database_answers(service, from, now_ms)
+                    || !self.writer_database_lost(service, from, now_ms)
+                {
                     return Vec::new();
                 }
                 let action = if class_of(to) == Classification::Healthy {
@@ -769,6 +785,15 @@ impl Policy {
                     && seen.probe.role == DatabaseRole::Primary
                     && now_ms.saturating_sub(seen.at_ms) <= silence_ms
             })
+    }
+
+    /// A remote observer failed to reach the site's database for the service within the
+    /// silence window, and none reached it since.
+    fn writer_database_lost(&self, service: &str, site: &str, now_ms: u64) -> bool {
+        let silence_ms = self.config.effective_silence_ms();
+        self.databases_lost
+            .get(&(site.to_string(), service.to_string()))
+            .is_some_and(|at_ms| now_ms.saturating_sub(*at_ms) <= silence_ms)
     }
 
     /// From the last positions seen: what the old primary had that the replica had not yet
