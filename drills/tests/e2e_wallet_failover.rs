@@ -109,6 +109,39 @@ async fn debited(lab: &Lab, postgres: &str, ids: &[String]) -> Result<BTreeSet<S
     Ok(found)
 }
 
+/// Every ledger key a's primary has and b's has not, computed here with SQL, independently of
+/// the lost-report.
+async fn keys_only_on_a(lab: &Lab) -> Result<BTreeSet<String>> {
+    let on_a = lab
+        .psql(
+            "postgres-a",
+            "gift",
+            "select idempotency_key from wallet.ledger order by seq",
+        )
+        .await?;
+    let keys_a: Vec<String> = on_a.lines().map(|l| l.trim().to_string()).collect();
+    let mut only_on_a = BTreeSet::new();
+    for chunk in keys_a.chunks(500) {
+        let list = chunk
+            .iter()
+            .map(|k| format!("'{}'", k.replace('\'', "")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let on_b = lab
+            .psql(
+                "postgres-b",
+                "gift",
+                &format!(
+                    "select idempotency_key from wallet.ledger where idempotency_key in ({list})"
+                ),
+            )
+            .await?;
+        let on_b: BTreeSet<&str> = on_b.lines().map(str::trim).collect();
+        only_on_a.extend(chunk.iter().filter(|k| !on_b.contains(k.as_str())).cloned());
+    }
+    Ok(only_on_a)
+}
+
 /// The lost-report's entries as (kind, order id or key).
 fn lost_entries(report: &serde_json::Value) -> Vec<(String, String, String)> {
     report["entries"]
@@ -219,19 +252,31 @@ async fn e2e_wallet_failover_site_a_down_approved_under_load() -> Result<()> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()?;
-    let started = Instant::now();
-    let (status, body) = wf::send_gift(&http, &edge, 7, "e2e-wf-pending-1").await?;
-    let took = started.elapsed();
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["error"]["code"], "payments_unavailable", "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("temporarily unavailable"),
-        "{body}"
-    );
-    assert!(took < Duration::from_millis(500), "{took:?}");
+    // Until the pending proposal reaches b's etcd and gift-api (milliseconds), a send fails
+    // for want of the primary; after, for the pending failover. Both charge nobody, fast.
+    let pending_seen = Instant::now();
+    for i in 0.. {
+        let started = Instant::now();
+        let key = format!("e2e-wf-pending-{i}");
+        let (status, body) = wf::send_gift(&http, &edge, 7, &key).await?;
+        let took = started.elapsed();
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "payments_unavailable", "{body}");
+        assert!(took < Duration::from_millis(600), "{took:?}");
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        if message.contains("temporarily unavailable") {
+            eprintln!(
+                "payments paused {:?} after the proposal was seen: {message}",
+                pending_seen.elapsed()
+            );
+            break;
+        }
+        assert!(
+            pending_seen.elapsed() < Duration::from_secs(3),
+            "the pending failover never paused payments: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let balance = http.get(format!("{edge}/v1/wallet/7")).send().await?;
     assert_eq!(balance.status(), 200);
 
@@ -318,13 +363,29 @@ async fn e2e_wallet_failover_site_a_down_approved_under_load() -> Result<()> {
             "acknowledged order {id} is on neither primary"
         );
     }
+    // Exactly what a has and b has not (checked with SQL here), and every acknowledged gift
+    // among it. It may hold more than the acknowledged ones: a debit a committed whose send
+    // the client saw fail (the order's next step died with a), which is lost all the same.
+    let reported_keys: BTreeSet<String> = entries.iter().map(|(_, _, key)| key.clone()).collect();
     assert_eq!(
-        lost_debits, acknowledged_lost,
-        "the lost-report must name exactly the lost gifts"
+        reported_keys,
+        keys_only_on_a(&lab).await?,
+        "the lost-report must list exactly what only a has"
+    );
+    let unreported: Vec<&String> = acknowledged_lost.difference(&lost_debits).collect();
+    assert!(
+        unreported.is_empty(),
+        "acknowledged gifts lost but not reported: {unreported:?}"
     );
     eprintln!(
-        "{} acknowledged gifts lost, all in the report",
-        acknowledged_lost.len()
+        "{} lost debits reported: {} acknowledged to the client, {} whose send had failed",
+        lost_debits.len(),
+        acknowledged_lost.len(),
+        lost_debits.len() - acknowledged_lost.len()
+    );
+    assert!(
+        !acknowledged_lost.is_empty(),
+        "the cut WAL stream lost no acknowledged gift: the checks above proved little"
     );
 
     phase("compensation: one lost gift re-applied (twice: once), one refunded; both audited");
@@ -482,33 +543,7 @@ async fn e2e_wallet_failover_isolated_site_a_fences_itself_before_its_lease_expi
         .map(|(_, _, key)| key)
         .collect();
     // Independently of the report: every ledger key on a, checked against b.
-    let on_a = lab
-        .psql(
-            "postgres-a",
-            "gift",
-            "select idempotency_key from wallet.ledger order by seq",
-        )
-        .await?;
-    let keys_a: Vec<String> = on_a.lines().map(|l| l.trim().to_string()).collect();
-    let mut only_on_a = BTreeSet::new();
-    for chunk in keys_a.chunks(500) {
-        let list = chunk
-            .iter()
-            .map(|k| format!("'{k}'"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let on_b = lab
-            .psql(
-                "postgres-b",
-                "gift",
-                &format!(
-                    "select idempotency_key from wallet.ledger where idempotency_key in ({list})"
-                ),
-            )
-            .await?;
-        let on_b: BTreeSet<&str> = on_b.lines().map(str::trim).collect();
-        only_on_a.extend(chunk.iter().filter(|k| !on_b.contains(k.as_str())).cloned());
-    }
+    let only_on_a = keys_only_on_a(&lab).await?;
     assert_eq!(
         reported, only_on_a,
         "the lost-report must list every entry only a has"
@@ -690,6 +725,147 @@ async fn e2e_wallet_failover_frozen_old_primary_commits_nothing_when_resumed() -
     eprintln!(
         "load: {} committed, {} errors {:?}",
         report.committed, report.errors, report.errors_by_reason
+    );
+    lab.down().await?;
+    Ok(())
+}
+
+/// Zero-loss mode on or off through the admin API.
+async fn set_zero_loss(lab: &Lab, on: bool) -> Result<()> {
+    invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints())
+        .await?
+        .admin()
+        .set_replication_mode(invoker_api::pb::SetReplicationModeRequest {
+            service: "wallet".into(),
+            synchronous: on,
+            actor: "e2e".into(),
+            reason: "zero-loss drill".into(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Waits until `postgres`'s `synchronous_standby_names` is `want`.
+async fn wait_sync_names(lab: &Lab, postgres: &str, want: &str, within: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let got = lab
+            .psql(postgres, "postgres", "show synchronous_standby_names")
+            .await
+            .unwrap_or_default();
+        if got.trim() == want {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < within,
+            "{postgres}: synchronous_standby_names is {got:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn relax_decisions(lab: &Lab) -> Result<Vec<(String, String, String)>> {
+    let audit = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints())
+        .await?
+        .admin()
+        .list_audit(invoker_api::pb::ListAuditRequest {
+            limit: 200,
+            before_seq: 0,
+        })
+        .await?
+        .into_inner();
+    Ok(audit
+        .entries
+        .into_iter()
+        .filter(|e| e.action == "replication.relax wallet")
+        .map(|e| (e.actor, e.after, e.reason))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_wallet_failover_zero_loss_mode_loses_no_acknowledged_gift_and_relaxes_without_a_standby(
+) -> Result<()> {
+    let (_dir, mut lab) = wallet_lab("e2e-wf-zero-loss-", &[]).await?;
+    let edge = scenarios::edge_url(&lab)?;
+    funded(&edge).await?;
+
+    phase("zero-loss mode on: a's primary waits for b's standby");
+    set_zero_loss(&lab, true).await?;
+    wait_sync_names(&lab, "postgres-a", "*", Duration::from_secs(5)).await?;
+
+    phase("under load: a's WAL stream to b cut for 1 s (commits wait), then site a SIGKILLed");
+    let load_task = tokio::spawn(loadgen::run_owned(load(&edge, 50, 20)));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cut = wal_stream(&lab).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for victim in scenarios::site_a_entirely(&lab) {
+        lab.kill(&victim)?;
+    }
+    drop(cut);
+    let (proposal, term) = wf::wait_for_proposal(&lab, Duration::from_secs(10)).await?;
+    wf::wait_lease_expired(&lab, Duration::from_secs(10)).await?;
+    wf::approve(&lab, &proposal, term)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s:?}"))?;
+    wf::wait_executed(&lab, proposal.id, Duration::from_secs(15)).await?;
+    // The new primary has no standby: relaxed by the failover itself, so gifts commit.
+    let first = wf::first_committed_gift(&edge, 11, Instant::now(), Duration::from_secs(5)).await?;
+    eprintln!("gifts commit on b {first:?} after the execution");
+    let report = load_task.await??;
+    eprintln!(
+        "load: {} committed, {} errors {:?}",
+        report.committed, report.errors, report.errors_by_reason
+    );
+
+    phase("every acknowledged gift is on b; what only a has was never acknowledged");
+    lab.restart("postgres-a").await?;
+    let on_b = debited(&lab, "postgres-b", &report.committed_order_ids).await?;
+    let missing: Vec<&String> = report
+        .committed_order_ids
+        .iter()
+        .filter(|id| !on_b.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged gifts lost in zero-loss mode: {missing:?}"
+    );
+    let acknowledged: BTreeSet<&String> = report.committed_order_ids.iter().collect();
+    let lost = lost_entries(&wf::lost_report(&lab)?);
+    eprintln!(
+        "{} entries only on a (committed there, never acknowledged)",
+        lost.len()
+    );
+    for (_, order, _) in &lost {
+        assert!(
+            !acknowledged.contains(order),
+            "{order} was acknowledged and lost"
+        );
+    }
+
+    phase("a rebuilt as b's standby: the controller restores zero-loss mode");
+    lab.rebuild_replica("a", "b").await?;
+    wait_sync_names(&lab, "postgres-b", "*", Duration::from_secs(20)).await?;
+
+    phase("the standby SIGKILLed: commits would wait forever; the controller relaxes, recorded");
+    lab.kill("postgres-a")?;
+    let killed = Instant::now();
+    let back = wf::first_committed_gift(&edge, 13, killed, Duration::from_secs(15)).await?;
+    eprintln!("a gift committed {back:?} after the standby died");
+    let decisions = relax_decisions(&lab).await?;
+    eprintln!("relax decisions: {decisions:#?}");
+    assert!(
+        decisions
+            .iter()
+            .any(|(actor, after, reason)| actor == "controller"
+                && after == "relaxed"
+                && reason.contains("no standby")),
+        "{decisions:?}"
+    );
+    assert!(
+        decisions
+            .iter()
+            .any(|(actor, after, _)| actor == "controller" && after == "strict"),
+        "{decisions:?}"
     );
     lab.down().await?;
     Ok(())

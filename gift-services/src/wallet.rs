@@ -337,9 +337,22 @@ impl Ledger {
     }
 
     async fn finish(
-        tx: Transaction<'_, Postgres>,
+        mut tx: Transaction<'_, Postgres>,
         result: Step<(i64, Amount)>,
     ) -> Result<Outcome, GiftError> {
+        if result.is_ok() {
+            // In zero-loss mode (synchronous replication) a COMMIT waits for the standby, and
+            // PostgreSQL answers a cancelled wait (the statement timeout) with *success*: the
+            // commit would be acknowledged without the standby having it. No timeout on the
+            // COMMIT, then: it returns when the standby has it, or when the controller relaxes
+            // the mode; the caller's own deadline reports the outcome unknown meanwhile.
+            if let Err(e) = sqlx::query("SET LOCAL statement_timeout = 0")
+                .execute(&mut *tx)
+                .await
+            {
+                return Err(e.into());
+            }
+        }
         match result {
             Ok((seq, balance)) => match tx.commit().await {
                 Ok(()) => Ok(Outcome::Committed {

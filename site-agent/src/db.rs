@@ -45,6 +45,8 @@ pub struct DbState {
     pub lease_remaining_ms: Option<i64>,
     /// `default_transaction_read_only` as configured (`ALTER SYSTEM`), i.e. fenced.
     pub read_only: bool,
+    /// Standbys streaming from it (`pg_stat_replication`): zero-loss mode needs one.
+    pub streaming_standbys: u32,
 }
 
 /// Where the database's WAL and the wallet ledger are.
@@ -171,7 +173,8 @@ impl Db {
         let sql = format!(
             "SELECT pg_is_in_recovery() AS recovery, f.epoch, \
              (extract(epoch FROM f.lease_until - clock_timestamp()) * 1000)::bigint AS lease_ms, \
-             {CONFIGURED_READ_ONLY} AS read_only \
+             {CONFIGURED_READ_ONLY} AS read_only, \
+             (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming') AS standbys \
              FROM {}.fencing f",
             self.wallet()
         );
@@ -183,6 +186,8 @@ impl Db {
                     epoch: to_u64(row.try_get("epoch")?),
                     lease_remaining_ms: row.try_get("lease_ms")?,
                     read_only: row.try_get("read_only")?,
+                    streaming_standbys: u32::try_from(row.try_get::<i64, _>("standbys")?)
+                        .unwrap_or(u32::MAX),
                 })
             })
         })
@@ -323,6 +328,26 @@ impl Db {
 
     /// `default_transaction_read_only` on or off (`ALTER SYSTEM` + reload) unless already so;
     /// returns whether it changed the configuration.
+    /// Zero-loss mode: commits wait for any one standby (`synchronous_standby_names = '*'`)
+    /// or for none (`''`). A reload releases the commits waiting when it is cleared.
+    pub async fn set_synchronous(&mut self, on: bool) -> Result<(), AgentError> {
+        self.with("set synchronous_standby_names", move |c| {
+            Box::pin(async move {
+                let sql = if on {
+                    "ALTER SYSTEM SET synchronous_standby_names = '*'"
+                } else {
+                    "ALTER SYSTEM SET synchronous_standby_names = ''"
+                };
+                sqlx::query(sql).execute(&mut *c).await?;
+                sqlx::query("SELECT pg_reload_conf()")
+                    .execute(&mut *c)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
     async fn set_read_only(&mut self, on: bool) -> Result<bool, AgentError> {
         self.with("set default_transaction_read_only", move |c| {
             Box::pin(async move {

@@ -133,6 +133,11 @@ pub struct LeaseLoop {
     pending: BTreeMap<u64, (Instant, u64)>,
     next_request_id: u64,
     view: LeaseStatus,
+    /// Standbys streaming from the local primary, as last seen (sent with each request).
+    streaming_standbys: u32,
+    /// Zero-loss mode as last applied to the database (`None`: not yet, so the first grant
+    /// applies whatever it says).
+    synchronous: Option<bool>,
 }
 
 impl LeaseLoop {
@@ -157,6 +162,8 @@ impl LeaseLoop {
             read_only: false,
             pending: BTreeMap::new(),
             next_request_id: 1,
+            streaming_standbys: 0,
+            synchronous: None,
             view: LeaseStatus {
                 role: "unknown",
                 ..LeaseStatus::default()
@@ -285,6 +292,7 @@ impl LeaseLoop {
             tracing::info!(epoch = state.epoch, lease_remaining_ms = ?state.lease_remaining_ms, read_only = state.read_only, "the local database is the primary");
         }
         self.enforced |= state.lease_remaining_ms.is_some();
+        self.streaming_standbys = state.streaming_standbys;
         self.request(state.epoch);
         if self.enforced && !self.held(Instant::now()) {
             // Keep fencing while the lease is not held. Sessions are terminated only until the
@@ -306,6 +314,7 @@ impl LeaseLoop {
                 epoch,
                 request_id,
                 site: String::new(),
+                streaming_standbys: self.streaming_standbys,
             })),
         };
         let sent = Instant::now();
@@ -446,6 +455,18 @@ impl LeaseLoop {
                 self.epoch = None;
                 self.deadline = None;
                 return;
+            }
+        }
+        if self.synchronous != Some(grant.synchronous_standby) {
+            match self.db.set_synchronous(grant.synchronous_standby).await {
+                Ok(()) => {
+                    tracing::warn!(
+                        synchronous = grant.synchronous_standby,
+                        "zero-loss mode applied (synchronous_standby_names)"
+                    );
+                    self.synchronous = Some(grant.synchronous_standby);
+                }
+                Err(e) => self.error("synchronous_standby_names", &e),
             }
         }
         if self.fenced || self.read_only {

@@ -130,6 +130,8 @@ impl PeerLease {
                             epoch,
                             request_id,
                             site,
+                            // Only the writer site's own agent reports its standbys.
+                            streaming_standbys: 0,
                         })),
                     };
                     // No session: no grant; the writer site's own agent may still renew.

@@ -103,6 +103,23 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
+    /// Zero-loss mode of a strong service: its primary commits only once a standby in the
+    /// other site has the commit (the controller relaxes it, recorded, while none streams).
+    Replication {
+        service: String,
+        /// Synchronous replication on (zero-loss mode).
+        #[arg(
+            long,
+            conflicts_with = "asynchronous",
+            required_unless_present = "asynchronous"
+        )]
+        synchronous: bool,
+        /// Back to asynchronous replication.
+        #[arg(long = "async")]
+        asynchronous: bool,
+        #[arg(long)]
+        reason: String,
+    },
     /// After a wallet failover: the lost-transaction report and compensations.
     #[command(subcommand)]
     Wallet(wallet::WalletCmd),
@@ -436,6 +453,47 @@ async fn run(cli: Cli) -> Result<()> {
             output::proposal_decided(&reply, cli.json)
         }
         Cmd::Wallet(cmd) => wallet::run(cmd, &mut admin, cli.json).await,
+        Cmd::Replication {
+            service,
+            synchronous,
+            asynchronous: _,
+            reason,
+        } => {
+            let reply = admin
+                .set_replication_mode(pb::SetReplicationModeRequest {
+                    service: service.clone(),
+                    synchronous,
+                    actor,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"service": service, "synchronous": reply.synchronous,
+                        "relaxed": reply.relaxed, "changed": reply.changed,
+                        "log_index": reply.log_index})
+                );
+            } else {
+                println!(
+                    "{service}: {} replication{}{}",
+                    if reply.synchronous {
+                        "synchronous (zero-loss)"
+                    } else {
+                        "asynchronous"
+                    },
+                    if reply.relaxed {
+                        ", relaxed by the controller"
+                    } else {
+                        ""
+                    },
+                    if reply.changed { "" } else { " (unchanged)" }
+                );
+            }
+            Ok(())
+        }
         Cmd::Switchover {
             service,
             to,

@@ -55,6 +55,9 @@ pub fn status(s: &pb::ClusterStatus, as_json: bool) -> Result<()> {
                         .map(|(site, n)| (site.clone(), json!(f64::from(*n) / 1024.0)))
                         .collect::<serde_json::Map<_, _>>(),
                     "writer": writer_json(&r.writer),
+                    "synchronous_replication": r.synchronous_replication,
+                    "synchronous_relaxed": r.synchronous_relaxed,
+                    "synchronous_reason": r.synchronous_reason,
                     "lease": r.lease.as_ref().map(|l| json!({
                         "site": l.site, "epoch": l.epoch,
                         "granted_at_ms": l.granted_at_ms, "expires_at_ms": l.expires_at_ms,
@@ -106,10 +109,15 @@ pub fn status(s: &pb::ClusterStatus, as_json: bool) -> Result<()> {
             Some(_) => ", lease expired".to_string(),
             None => String::new(),
         };
+        let sync = match (r.synchronous_replication, r.synchronous_relaxed) {
+            (false, _) => "",
+            (true, false) => ", sync",
+            (true, true) => ", sync relaxed",
+        };
         let writer = r
             .writer
             .as_ref()
-            .map(|w| format!("{} epoch {}{}", w.site, w.epoch, lease(w)))
+            .map(|w| format!("{} epoch {}{}{sync}", w.site, w.epoch, lease(w)))
             .unwrap_or_else(|| "-".into());
         println!(
             "{:<16} {:<9} {:>4}  {:<28} {}",

@@ -30,6 +30,21 @@ pub struct Lease {
     pub expires_at_ms: i64,
 }
 
+/// Optional zero-loss mode of a strong service: its primary commits only once a standby in
+/// another site has the commit (`synchronous_standby_names`). When no standby streams (the
+/// other site is down), the controller *relaxes* it, as a recorded decision, so that the
+/// primary keeps committing; it restores it once a standby streams again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReplication {
+    /// Asked for by an operator.
+    pub enabled: bool,
+    /// Relaxed by the controller (no standby to wait for).
+    pub relaxed: bool,
+    /// Why it was last relaxed or restored.
+    pub reason: String,
+    pub changed_at_ms: i64,
+}
+
 /// What a failover proposal will do once approved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailoverPlan {
@@ -150,6 +165,106 @@ impl State {
                 _ => None,
             })
             .max_by_key(|(_, until)| *until)
+    }
+
+    /// Whether `service`'s writer must wait for a standby: zero-loss mode on and not relaxed.
+    pub fn synchronous_standby(&self, service: &str) -> bool {
+        self.sync_replication
+            .get(service)
+            .is_some_and(|s| s.enabled && !s.relaxed)
+    }
+
+    pub(crate) fn set_sync_replication(
+        &mut self,
+        request: &Request,
+        service: &str,
+        enabled: bool,
+    ) -> Result<Applied, DomainError> {
+        if !self.is_strong(service) {
+            return Err(DomainError::NotStrong(service.to_string()));
+        }
+        let before = self
+            .sync_replication
+            .get(service)
+            .cloned()
+            .unwrap_or_default();
+        if before.enabled == enabled {
+            return Ok(Applied::outcome(Outcome::Replication {
+                enabled,
+                relaxed: before.relaxed,
+                changed: false,
+            }));
+        }
+        let mode = |e: bool| if e { "synchronous" } else { "asynchronous" }.to_string();
+        // Turning it on starts strict: the controller relaxes it if no standby streams.
+        let after = SyncReplication {
+            enabled,
+            relaxed: false,
+            reason: request.reason.clone(),
+            changed_at_ms: request.at_ms,
+        };
+        self.sync_replication.insert(service.to_string(), after);
+        Ok(Applied {
+            outcome: Outcome::Replication {
+                enabled,
+                relaxed: false,
+                changed: true,
+            },
+            changes: Vec::new(),
+            audit: vec![(
+                format!("replication.mode {service}"),
+                mode(before.enabled),
+                mode(enabled),
+            )],
+        })
+    }
+
+    pub(crate) fn relax_sync_replication(
+        &mut self,
+        request: &Request,
+        service: &str,
+        relaxed: bool,
+    ) -> Result<Applied, DomainError> {
+        let Some(current) = self.sync_replication.get(service).cloned() else {
+            return Err(DomainError::ExecutionRefused(format!(
+                "{service:?} is not in zero-loss mode"
+            )));
+        };
+        if !current.enabled {
+            return Err(DomainError::ExecutionRefused(format!(
+                "{service:?} is not in zero-loss mode"
+            )));
+        }
+        if current.relaxed == relaxed {
+            return Ok(Applied::outcome(Outcome::Replication {
+                enabled: true,
+                relaxed,
+                changed: false,
+            }));
+        }
+        let state = |r: bool| if r { "relaxed" } else { "strict" }.to_string();
+        self.sync_replication.insert(
+            service.to_string(),
+            SyncReplication {
+                enabled: true,
+                relaxed,
+                reason: request.reason.clone(),
+                changed_at_ms: request.at_ms,
+            },
+        );
+        Ok(Applied {
+            outcome: Outcome::Replication {
+                enabled: true,
+                relaxed,
+                changed: true,
+            },
+            changes: Vec::new(),
+            audit: vec![(
+                format!("replication.relax {service}"),
+                state(current.relaxed),
+                state(relaxed),
+            )],
+        })
     }
 
     pub(crate) fn renew_lease(
@@ -413,6 +528,25 @@ impl State {
                     .saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX)),
             },
         );
+        let mut audit = vec![(
+            format!("writer.move {} (#{id})", p.service),
+            before,
+            format!("site {} epoch {}", writer.site, writer.epoch),
+        )];
+        // The new primary has no standby yet (the old one is gone or stale): in zero-loss mode
+        // it would wait forever. Relaxed until a standby streams again.
+        if let Some(sync) = self.sync_replication.get_mut(&p.service) {
+            if sync.enabled && !sync.relaxed {
+                sync.relaxed = true;
+                sync.reason = format!("failover #{id}: the new primary has no standby yet");
+                sync.changed_at_ms = request.at_ms;
+                audit.push((
+                    format!("replication.relax {}", p.service),
+                    "strict".into(),
+                    "relaxed".into(),
+                ));
+            }
+        }
         self.proposals.insert(id, p.clone());
         Ok(Applied {
             outcome: Outcome::ProposalDecided(Box::new(p.clone())),
@@ -423,11 +557,7 @@ impl State {
                     writer: writer.clone(),
                 },
             ],
-            audit: vec![(
-                format!("writer.move {} (#{id})", p.service),
-                before,
-                format!("site {} epoch {}", writer.site, writer.epoch),
-            )],
+            audit,
         })
     }
 
@@ -750,6 +880,94 @@ mod tests {
             &mut state,
             14,
             at(T0 + 400, "leader", promote)
+        )));
+    }
+
+    #[test]
+    fn zero_loss_mode_is_set_by_operators_relaxed_by_the_controller_and_after_a_failover() {
+        let mut state = lab();
+        let relax = |relaxed| Command::RelaxSyncReplication {
+            service: "wallet".into(),
+            relaxed,
+        };
+        // Nothing to relax before it is on.
+        assert!(refused(&apply(
+            &mut state,
+            2,
+            at(T0, "controller", relax(true))
+        )));
+        let on = Command::SetSyncReplication {
+            service: "wallet".into(),
+            enabled: true,
+        };
+        assert!(!refused(&apply(&mut state, 3, at(T0, "alice", on))));
+        assert!(state.synchronous_standby("wallet"));
+        assert!(!refused(&apply(
+            &mut state,
+            4,
+            at(T0 + 1, "controller", relax(true))
+        )));
+        assert!(!state.synchronous_standby("wallet"));
+        assert!(!refused(&apply(
+            &mut state,
+            5,
+            at(T0 + 2, "controller", relax(false))
+        )));
+        assert!(state.synchronous_standby("wallet"));
+        let audited = state
+            .audit
+            .iter()
+            .filter(|e| e.action.starts_with("replication."))
+            .count();
+        assert_eq!(audited, 3, "{:?}", state.audit);
+
+        // A failover relaxes it: the new primary has no standby yet.
+        apply(&mut state, 6, at(T0 + 10, "agent-a", renew("a", 1)));
+        let id = approved(&mut state, T0 + 20, true);
+        apply(
+            &mut state,
+            12,
+            at(T0 + 30, "leader", Command::BeginFailover { id, term: 3 }),
+        );
+        apply(
+            &mut state,
+            13,
+            at(
+                T0 + 40,
+                "leader",
+                step(id, FailoverStep::Fenced(result(true, 5))),
+            ),
+        );
+        apply(
+            &mut state,
+            14,
+            at(
+                T0 + 50,
+                "leader",
+                step(id, FailoverStep::Promoted(result(true, 6))),
+            ),
+        );
+        let complete = Command::CompleteFailover {
+            id,
+            lease_ms: 3_000,
+        };
+        assert!(!refused(&apply(
+            &mut state,
+            15,
+            at(T0 + 60, "leader", complete)
+        )));
+        assert!(!state.synchronous_standby("wallet"));
+        assert!(state.sync_replication["wallet"].enabled);
+
+        // Only strong services have it.
+        let stateless = Command::SetSyncReplication {
+            service: "gift-api".into(),
+            enabled: true,
+        };
+        assert!(refused(&apply(
+            &mut state,
+            16,
+            at(T0 + 70, "alice", stateless)
         )));
     }
 

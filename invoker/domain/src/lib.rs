@@ -16,7 +16,7 @@ mod state;
 mod topology;
 
 pub use error::DomainError;
-pub use failover::{Execution, FailoverPlan, FailoverStep, Lease, StepResult};
+pub use failover::{Execution, FailoverPlan, FailoverStep, Lease, StepResult, SyncReplication};
 pub use model::{
     Approval, AuditEntry, DataLossEstimate, Evidence, Proposal, ProposalStatus, Service,
     ServiceClass, Site, SiteRole, Writer,

@@ -85,6 +85,12 @@ pub enum Command {
         epoch: u64,
         duration_ms: u64,
     },
+    /// An operator turns a strong service's zero-loss mode (synchronous replication to a
+    /// standby in another site) on or off.
+    SetSyncReplication { service: String, enabled: bool },
+    /// The controller relaxes zero-loss mode (no standby streams: the primary would wait
+    /// forever) or restores it (a standby streams again). The request's reason says why.
+    RelaxSyncReplication { service: String, relaxed: bool },
     /// The leader starts executing approved proposal `id` (renewals stop from here).
     BeginFailover { id: u64, term: u64 },
     /// The leader records one execution step of proposal `id`.
@@ -113,6 +119,8 @@ impl Command {
             Command::RejectProposal { .. } => "reject_proposal",
             Command::RecordAudit { .. } => "record_audit",
             Command::RenewLease { .. } => "renew_lease",
+            Command::SetSyncReplication { .. } => "set_sync_replication",
+            Command::RelaxSyncReplication { .. } => "relax_sync_replication",
             Command::BeginFailover { .. } => "begin_failover",
             Command::RecordFailoverStep { .. } => "record_failover_step",
             Command::CompleteFailover { .. } => "complete_failover",
@@ -156,6 +164,12 @@ pub enum Outcome {
     Lease {
         expires_at_ms: i64,
     },
+    /// A strong service's zero-loss mode after the command.
+    Replication {
+        enabled: bool,
+        relaxed: bool,
+        changed: bool,
+    },
 }
 
 /// One change of the replicated state, published to watchers after it is applied.
@@ -198,6 +212,9 @@ pub struct State {
     /// failover can move the writer.
     #[serde(default)]
     pub databases: BTreeMap<String, BTreeMap<String, String>>,
+    /// Each strong service's zero-loss mode, when ever set.
+    #[serde(default)]
+    pub sync_replication: BTreeMap<String, crate::SyncReplication>,
     /// Log index of the last request that changed something.
     pub revision: u64,
 }
@@ -267,6 +284,12 @@ impl State {
                 epoch,
                 duration_ms,
             } => self.renew_lease(request, service, site, *epoch, *duration_ms),
+            Command::SetSyncReplication { service, enabled } => {
+                self.set_sync_replication(request, service, *enabled)
+            }
+            Command::RelaxSyncReplication { service, relaxed } => {
+                self.relax_sync_replication(request, service, *relaxed)
+            }
             Command::BeginFailover { id, term } => self.begin_failover(request, *id, *term),
             Command::RecordFailoverStep { id, step } => {
                 self.record_failover_step(request, *id, step)
@@ -899,6 +922,8 @@ fn validate_request(request: &Request) -> Result<(), DomainError> {
             validate_id("site", site)?;
         }
         Command::BeginFailover { .. } | Command::CompleteFailover { .. } => {}
+        Command::SetSyncReplication { service, .. }
+        | Command::RelaxSyncReplication { service, .. } => validate_id("service name", service)?,
         Command::RecordFailoverStep { step, .. } => match step {
             crate::FailoverStep::Fenced(r) | crate::FailoverStep::Promoted(r) => {
                 validate_text("step detail", &r.detail, false)?

@@ -43,6 +43,10 @@ pub struct LeaseConfig {
     /// A planned switchover's replica must replay the fenced primary's last position within
     /// this, or the switchover fails (and the old primary takes writes again).
     pub catch_up_timeout_ms: u64,
+    /// Zero-loss mode: relax it when no standby has streamed from the primary for this long.
+    pub sync_relax_after_ms: u64,
+    /// ... and restore it once one has streamed for this long.
+    pub sync_restore_after_ms: u64,
 }
 
 impl Default for LeaseConfig {
@@ -53,6 +57,8 @@ impl Default for LeaseConfig {
             fence_timeout_ms: 3_000,
             promote_timeout_ms: 20_000,
             catch_up_timeout_ms: 10_000,
+            sync_relax_after_ms: 1_000,
+            sync_restore_after_ms: 5_000,
         }
     }
 }
@@ -72,6 +78,8 @@ impl LeaseConfig {
             ("fence_timeout_ms", self.fence_timeout_ms),
             ("promote_timeout_ms", self.promote_timeout_ms),
             ("catch_up_timeout_ms", self.catch_up_timeout_ms),
+            ("sync_relax_after_ms", self.sync_relax_after_ms),
+            ("sync_restore_after_ms", self.sync_restore_after_ms),
         ] {
             if !(100..=600_000).contains(&v) {
                 return Err(format!(

@@ -17,6 +17,7 @@ pub mod network;
 pub mod node;
 pub mod policy_loop;
 pub mod publisher;
+pub mod replication;
 pub mod store;
 pub mod types;
 

@@ -57,6 +57,8 @@ pub struct Node {
     /// The site agents connected to this node, for failover commands.
     pub directory: crate::executor::Directory,
     pub writer_lease: crate::executor::LeaseConfig,
+    /// What the writer sites' agents last said about their standbys (zero-loss mode).
+    pub standbys: crate::replication::Standbys,
 }
 
 impl Node {
@@ -107,6 +109,7 @@ impl Node {
             proposal_ttl_ms: config.approvals.proposal_ttl_ms,
             directory: Default::default(),
             writer_lease: config.writer_lease.clone(),
+            standbys: Default::default(),
         }))
     }
 
@@ -362,6 +365,10 @@ pub async fn serve(
     }
     tokio::spawn(crate::metrics::follow_raft(node.clone()));
     tokio::spawn(crate::executor::run(
+        node.clone(),
+        config.writer_lease.clone(),
+    ));
+    tokio::spawn(crate::replication::run(
         node.clone(),
         config.writer_lease.clone(),
     ));

@@ -130,6 +130,19 @@ impl pb::admin_server::Admin for AdminService {
                     .get(service)
                     .map(|w| convert::writer_to_pb(service, w)),
                 lease: state.leases.get(service).map(convert::lease_to_pb),
+                synchronous_replication: state
+                    .sync_replication
+                    .get(service)
+                    .is_some_and(|s| s.enabled),
+                synchronous_relaxed: state
+                    .sync_replication
+                    .get(service)
+                    .is_some_and(|s| s.enabled && s.relaxed),
+                synchronous_reason: state
+                    .sync_replication
+                    .get(service)
+                    .map(|s| s.reason.clone())
+                    .unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(pb::ClusterStatus {
@@ -218,6 +231,49 @@ impl pb::admin_server::Admin for AdminService {
                 let mut leader = self.leader_client(&request, e)?;
                 leader
                     .set_policy_mode(forwarded(request.into_inner()))
+                    .await
+            }
+        }
+    }
+
+    async fn set_replication_mode(
+        &self,
+        request: Request<pb::SetReplicationModeRequest>,
+    ) -> Result<Response<pb::SetReplicationModeResponse>, Status> {
+        let msg = request.get_ref();
+        check_actor_reason(&msg.actor, &msg.reason)?;
+        validate_id("service name", &msg.service).map_err(|e| domain_status(&e))?;
+        let command = Command::SetSyncReplication {
+            service: msg.service.clone(),
+            enabled: msg.synchronous,
+        };
+        match self
+            .node
+            .propose(domain_request(&msg.actor, &msg.reason, command))
+            .await
+        {
+            Ok((
+                log_index,
+                DomainResponse::Applied(Outcome::Replication {
+                    enabled,
+                    relaxed,
+                    changed,
+                }),
+            )) => {
+                tracing::warn!(service = %msg.service, enabled, changed, actor = %msg.actor, "zero-loss mode set");
+                Ok(Response::new(pb::SetReplicationModeResponse {
+                    synchronous: enabled,
+                    relaxed,
+                    changed,
+                    log_index,
+                }))
+            }
+            Ok((_, other)) => Err(Status::internal(format!("unexpected result {other:?}"))),
+            Err(ProposeError::Refused(e)) => Err(domain_status(&e)),
+            Err(e) => {
+                let mut leader = self.leader_client(&request, e)?;
+                leader
+                    .set_replication_mode(forwarded(request.into_inner()))
                     .await
             }
         }

@@ -389,7 +389,19 @@ async fn grant_lease(
         tracing::info!(%agent, %site, epoch = lease.epoch, "writer lease not granted: {error}");
     }
     node.metrics.lease_renewal(&site, granted);
+    // The writer site's own agent tells how many standbys stream (for zero-loss mode).
+    if granted && lease.site.is_empty() {
+        node.standbys
+            .observe(&lease.service, lease.streaming_standbys);
+    }
+    let synchronous_standby = node
+        .sm
+        .read()
+        .await
+        .state
+        .synchronous_standby(&lease.service);
     let grant = pb::LeaseGrant {
+        synchronous_standby,
         service: lease.service,
         epoch: lease.epoch,
         request_id: lease.request_id,
