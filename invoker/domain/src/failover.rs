@@ -64,7 +64,7 @@ impl FailoverPlan {
     pub fn steps(&self) -> Vec<String> {
         let mut steps = vec![
             format!(
-                "stop renewing {}'s writer lease (epoch {}) and wait for it to expire",
+                "stop renewing {}'s writer lease (epoch {}); unless its primary gets fenced, wait for the lease to expire",
                 self.from_site, self.from_epoch
             ),
             if self.planned {
