@@ -62,36 +62,30 @@ pub struct FailoverPlan {
 impl FailoverPlan {
     /// The steps, as the console and `invokerctl proposals` print them.
     pub fn steps(&self) -> Vec<String> {
+        let (from, to) = (&self.from_site, &self.to_site);
         let mut steps = vec![
             format!(
-                "stop renewing {}'s writer lease (epoch {}); unless its primary gets fenced, wait for the lease to expire",
-                self.from_site, self.from_epoch
+                "stop renewing {from}'s lease (epoch {}); promote once fenced or expired",
+                self.from_epoch
             ),
             if self.planned {
-                format!(
-                    "fence {}'s primary (read-only, sessions terminated); abort if unreachable",
-                    self.from_site
-                )
+                format!("fence {from}'s primary (read-only, sessions killed); abort if unreachable")
             } else {
-                format!(
-                    "fence {}'s primary if reachable (read-only, sessions terminated)",
-                    self.from_site
-                )
+                format!("fence {from}'s primary if reachable (read-only, sessions killed)")
             },
         ];
         if self.planned {
             steps.push(format!(
-                "wait until {}'s replica has replayed the fenced primary's last WAL position",
-                self.to_site
+                "wait until {to} has replayed the fenced primary's last WAL position"
             ));
         }
         steps.push(format!(
-            "promote {}'s replica (pg_promote) and write epoch {} into its fencing row",
-            self.to_site, self.new_epoch
+            "promote {to} (pg_promote), write epoch {} into its fencing row",
+            self.new_epoch
         ));
         steps.push(format!(
-            "publish writer {} epoch {}: wallets in every site reconnect",
-            self.to_site, self.new_epoch
+            "publish writer {to} epoch {}: every wallet reconnects",
+            self.new_epoch
         ));
         steps
     }
