@@ -426,6 +426,28 @@ async fn e2e_wallet_failover_site_a_down_approved_under_load() -> Result<()> {
 
     phase("reconciliation on b: no double debit, no mismatch outside the lost-report");
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // First its repairs: an order whose debit reached b but whose `paid` step died with a is
+    // left `created`; the repair finishes it through the saga (as the outbox worker would once
+    // it counts as abandoned). Then the check.
+    let wallet_b = lab
+        .process("wallet-b")
+        .and_then(|p| p.main_addr())
+        .context("wallet-b's address")?
+        .to_string();
+    let repaired = std::process::Command::new(drills::lab::find_bin("reconcile")?)
+        .args(["--json", "--repair", "--grace-secs", "2", "--database-url"])
+        .arg(&lab.describe().endpoints.postgres["b"])
+        .args(["--wallet", &wallet_b])
+        .output()?;
+    eprintln!(
+        "reconcile --repair: {}",
+        String::from_utf8_lossy(&repaired.stdout)
+            .lines()
+            .filter(|l| l.contains("\"check\"") || l.contains("\"action\""))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let (reconciled, subjects) = reconcile_mismatches(&lab.describe().endpoints.postgres["b"])?;
     let lost_keys: BTreeSet<String> = entries
         .iter()

@@ -24,6 +24,15 @@ pub struct Current {
 pub struct CurrentWriter {
     pub site: String,
     pub epoch: u64,
+    /// The writer's WAL position and ledger sequence as its site reported them with its
+    /// last lease renewal (replicated: a new leader has them before it hears any agent), and
+    /// when (ms; 0: unknown). The data-loss estimate falls back on them.
+    #[serde(default)]
+    pub primary_lsn: u64,
+    #[serde(default)]
+    pub ledger_sequence: u64,
+    #[serde(default)]
+    pub positions_at_ms: i64,
 }
 
 /// One thing the policy wants done (or, if `dry_run`, would have wanted done), with the
@@ -732,7 +741,7 @@ impl Policy {
                         from_site: from.to_string(),
                         to_site: to.to_string(),
                         writer_epoch: writer.epoch,
-                        data_loss: self.data_loss(service, from, to),
+                        data_loss: self.data_loss(service, from, to, writer),
                     }
                 } else {
                     refusal(from, to)
@@ -798,11 +807,35 @@ impl Policy {
 
     /// From the last positions seen: what the old primary had that the replica had not yet
     /// received. An estimate: the primary may have written more after it was last seen.
-    fn data_loss(&self, service: &str, from: &str, to: &str) -> DataLossEstimate {
+    fn data_loss(
+        &self,
+        service: &str,
+        from: &str,
+        to: &str,
+        writer: &CurrentWriter,
+    ) -> DataLossEstimate {
         let primary = self.databases.get(&(from.to_string(), service.to_string()));
         let replica = self.databases.get(&(to.to_string(), service.to_string()));
-        let primary_last_lsn = primary.map_or(0, |d| d.probe.current_wal_lsn);
-        let primary_ledger = primary.map_or(0, |d| d.probe.ledger_sequence);
+        // The newer of what an observer saw and what came with the last lease renewal (all a
+        // new leader has of a primary that died before it heard from anyone).
+        let observed = primary.map(|d| {
+            (
+                d.probe.current_wal_lsn,
+                d.probe.ledger_sequence,
+                ms_i64(d.at_ms),
+            )
+        });
+        let leased = (writer.primary_lsn > 0).then_some((
+            writer.primary_lsn,
+            writer.ledger_sequence,
+            writer.positions_at_ms,
+        ));
+        let (primary_last_lsn, primary_ledger, primary_last_seen_ms) = match (observed, leased) {
+            (Some(o), Some(l)) if l.0 > o.0 => l,
+            (Some(o), _) => o,
+            (None, Some(l)) => l,
+            (None, None) => (0, 0, 0),
+        };
         let (receive, replay, ledger) = replica.map_or((0, 0, 0), |d| {
             (
                 d.probe.receive_lsn,
@@ -815,7 +848,7 @@ impl Policy {
             replica_receive_lsn: receive,
             replica_replay_lsn: replay,
             gap_bytes: primary_last_lsn.saturating_sub(receive),
-            primary_last_seen_ms: primary.map_or(0, |d| ms_i64(d.at_ms)),
+            primary_last_seen_ms,
             ledger_sequence_gap: primary_ledger.saturating_sub(ledger),
         }
     }

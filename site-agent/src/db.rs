@@ -47,6 +47,10 @@ pub struct DbState {
     pub read_only: bool,
     /// Standbys streaming from it (`pg_stat_replication`): zero-loss mode needs one.
     pub streaming_standbys: u32,
+    /// Primary: `pg_current_wal_lsn()` as bytes (0 on a replica); sent with lease requests.
+    pub wal_lsn: u64,
+    /// The wallet ledger's highest sequence (0 when empty).
+    pub ledger_sequence: u64,
 }
 
 /// Where the database's WAL and the wallet ledger are.
@@ -174,9 +178,12 @@ impl Db {
             "SELECT pg_is_in_recovery() AS recovery, f.epoch, \
              (extract(epoch FROM f.lease_until - clock_timestamp()) * 1000)::bigint AS lease_ms, \
              {CONFIGURED_READ_ONLY} AS read_only, \
-             (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming') AS standbys \
-             FROM {}.fencing f",
-            self.wallet()
+             (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming') AS standbys, \
+             CASE WHEN pg_is_in_recovery() THEN 0 \
+                  ELSE (pg_current_wal_lsn() - '0/0')::bigint END AS wal_lsn, \
+             (SELECT coalesce(max(seq), 0) FROM {w}.ledger) AS ledger_seq \
+             FROM {w}.fencing f",
+            w = self.wallet()
         );
         self.with("read the fencing row", move |c| {
             Box::pin(async move {
@@ -188,6 +195,8 @@ impl Db {
                     read_only: row.try_get("read_only")?,
                     streaming_standbys: u32::try_from(row.try_get::<i64, _>("standbys")?)
                         .unwrap_or(u32::MAX),
+                    wal_lsn: to_u64(row.try_get("wal_lsn")?),
+                    ledger_sequence: to_u64(row.try_get("ledger_seq")?),
                 })
             })
         })

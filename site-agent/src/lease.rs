@@ -135,6 +135,8 @@ pub struct LeaseLoop {
     view: LeaseStatus,
     /// Standbys streaming from the local primary, as last seen (sent with each request).
     streaming_standbys: u32,
+    /// The local primary's WAL position and ledger sequence, as last seen (sent too).
+    positions: (u64, u64),
     /// Zero-loss mode as last applied to the database (`None`: not yet, so the first grant
     /// applies whatever it says).
     synchronous: Option<bool>,
@@ -163,6 +165,7 @@ impl LeaseLoop {
             pending: BTreeMap::new(),
             next_request_id: 1,
             streaming_standbys: 0,
+            positions: (0, 0),
             synchronous: None,
             view: LeaseStatus {
                 role: "unknown",
@@ -293,6 +296,7 @@ impl LeaseLoop {
         }
         self.enforced |= state.lease_remaining_ms.is_some();
         self.streaming_standbys = state.streaming_standbys;
+        self.positions = (state.wal_lsn, state.ledger_sequence);
         self.request(state.epoch);
         if self.enforced && !self.held(Instant::now()) {
             // Keep fencing while the lease is not held. Sessions are terminated only until the
@@ -315,6 +319,8 @@ impl LeaseLoop {
                 request_id,
                 site: String::new(),
                 streaming_standbys: self.streaming_standbys,
+                primary_lsn: self.positions.0,
+                ledger_sequence: self.positions.1,
             })),
         };
         let sent = Instant::now();
@@ -414,7 +420,10 @@ impl LeaseLoop {
                     "the writer is no longer this site's database: fencing local primary"
                 );
                 self.enforced = true;
-                self.fence("the writer moved").await;
+                // Sessions are terminated until the database is read-only, not at every
+                // refused renewal: operators read the old primary (the lost-report).
+                let terminate = !(self.fenced && self.read_only);
+                self.fence_with("the writer moved", terminate).await;
             } else {
                 tracing::warn!(
                     writer_site = %grant.writer_site,

@@ -132,6 +132,8 @@ impl PeerLease {
                             site,
                             // Only the writer site's own agent reports its standbys.
                             streaming_standbys: 0,
+                            primary_lsn: 0,
+                            ledger_sequence: 0,
                         })),
                     };
                     // No session: no grant; the writer site's own agent may still renew.

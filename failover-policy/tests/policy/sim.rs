@@ -109,6 +109,9 @@ impl Sim {
         let writer = CurrentWriter {
             site: "a".into(),
             epoch: 1,
+            primary_lsn: 0,
+            ledger_sequence: 0,
+            positions_at_ms: 0,
         };
         current.writers.insert(WALLET.to_string(), writer);
         Sim {

@@ -28,6 +28,14 @@ pub struct Lease {
     pub epoch: u64,
     pub granted_at_ms: i64,
     pub expires_at_ms: i64,
+    /// The writer's WAL position and ledger sequence as its agent last reported them with a
+    /// renewal (0: unknown), and when: a new leader's data-loss estimate starts from them.
+    #[serde(default)]
+    pub primary_lsn: u64,
+    #[serde(default)]
+    pub ledger_sequence: u64,
+    #[serde(default)]
+    pub positions_at_ms: i64,
 }
 
 /// Optional zero-loss mode of a strong service: its primary commits only once a standby in
@@ -268,6 +276,7 @@ impl State {
         site: &str,
         epoch: u64,
         duration_ms: u64,
+        positions: (u64, u64),
     ) -> Result<Applied, DomainError> {
         let writer = self
             .writers
@@ -292,10 +301,17 @@ impl State {
         let expires_at_ms = request
             .at_ms
             .saturating_add(i64::try_from(duration_ms).unwrap_or(i64::MAX));
-        // Renewals never shorten a lease (a delayed entry applied after a newer one).
-        let expires_at_ms = match self.leases.get(service) {
-            Some(l) if l.site == site && l.epoch == epoch => l.expires_at_ms.max(expires_at_ms),
-            _ => expires_at_ms,
+        // Renewals never shorten a lease (a delayed entry applied after a newer one), and a
+        // renewal without positions (the witness's) keeps the last ones known.
+        let held = self
+            .leases
+            .get(service)
+            .filter(|l| l.site == site && l.epoch == epoch);
+        let expires_at_ms = held.map_or(expires_at_ms, |l| l.expires_at_ms.max(expires_at_ms));
+        let (primary_lsn, ledger_sequence, positions_at_ms) = match (positions, held) {
+            ((lsn, seq), _) if lsn > 0 => (lsn, seq, request.at_ms),
+            (_, Some(l)) => (l.primary_lsn, l.ledger_sequence, l.positions_at_ms),
+            _ => (0, 0, 0),
         };
         self.leases.insert(
             service.to_string(),
@@ -304,6 +320,9 @@ impl State {
                 epoch,
                 granted_at_ms: request.at_ms,
                 expires_at_ms,
+                primary_lsn,
+                ledger_sequence,
+                positions_at_ms,
             },
         );
         // Not a change watchers need (it happens every few hundred ms): no audit, no revision.
@@ -520,6 +539,9 @@ impl State {
                 expires_at_ms: request
                     .at_ms
                     .saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX)),
+                primary_lsn: 0,
+                ledger_sequence: 0,
+                positions_at_ms: 0,
             },
         );
         let mut audit = vec![(
@@ -630,6 +652,8 @@ mod tests {
             site: site.into(),
             epoch,
             duration_ms: 3_000,
+            primary_lsn: 0,
+            ledger_sequence: 0,
         }
     }
 

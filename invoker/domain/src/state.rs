@@ -84,6 +84,9 @@ pub enum Command {
         site: String,
         epoch: u64,
         duration_ms: u64,
+        /// The primary's WAL position and ledger sequence as the agent saw them (0: unknown).
+        primary_lsn: u64,
+        ledger_sequence: u64,
     },
     /// An operator turns a strong service's zero-loss mode (synchronous replication to a
     /// standby in another site) on or off.
@@ -283,7 +286,16 @@ impl State {
                 site,
                 epoch,
                 duration_ms,
-            } => self.renew_lease(request, service, site, *epoch, *duration_ms),
+                primary_lsn,
+                ledger_sequence,
+            } => self.renew_lease(
+                request,
+                service,
+                site,
+                *epoch,
+                *duration_ms,
+                (*primary_lsn, *ledger_sequence),
+            ),
             Command::SetSyncReplication { service, enabled } => {
                 self.set_sync_replication(request, service, *enabled)
             }

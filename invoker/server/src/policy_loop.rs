@@ -455,7 +455,21 @@ pub async fn run(node: Arc<Node>, mut inbox: mpsc::Receiver<Observation>) {
                     writers: state
                         .writers
                         .iter()
-                        .map(|(s, w)| (s.clone(), CurrentWriter { site: w.site.clone(), epoch: w.epoch }))
+                        .map(|(s, w)| {
+                            // The positions that came with the writer's last lease renewal.
+                            let lease = state
+                                .leases
+                                .get(s)
+                                .filter(|l| l.site == w.site && l.epoch == w.epoch);
+                            let writer = CurrentWriter {
+                                site: w.site.clone(),
+                                epoch: w.epoch,
+                                primary_lsn: lease.map_or(0, |l| l.primary_lsn),
+                                ledger_sequence: lease.map_or(0, |l| l.ledger_sequence),
+                                positions_at_ms: lease.map_or(0, |l| l.positions_at_ms),
+                            };
+                            (s.clone(), writer)
+                        })
                         .collect(),
                 };
                 let now = now_ms();

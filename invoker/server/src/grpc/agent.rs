@@ -360,6 +360,8 @@ async fn grant_lease(
             site: site.clone(),
             epoch: lease.epoch,
             duration_ms,
+            primary_lsn: lease.primary_lsn,
+            ledger_sequence: lease.ledger_sequence,
         },
     };
     let result = node.propose(request).await;
