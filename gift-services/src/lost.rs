@@ -956,6 +956,11 @@ pub async fn compensate(
     .fetch_one(new)
     .await?;
     if on_new {
+        // A concurrent compensation may have committed its entry and its record together
+        // after the record check above: then this is a repeat, not an entry never lost.
+        if let Some(found) = record(new, traffic, idempotency_key).await? {
+            return earlier(found, action);
+        }
         return refused(format!(
             "entry {idempotency_key:?} is on the new primary: it was not lost, nothing to compensate"
         ));
