@@ -142,6 +142,21 @@ async fn keys_only_on_a(lab: &Lab) -> Result<BTreeSet<String>> {
     Ok(only_on_a)
 }
 
+/// The newest 200 audit entries.
+async fn audit(lab: &Lab) -> Result<invoker_api::pb::ListAuditResponse> {
+    Ok(
+        invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints())
+            .await?
+            .admin()
+            .list_audit(invoker_api::pb::ListAuditRequest {
+                limit: 200,
+                before_seq: 0,
+            })
+            .await?
+            .into_inner(),
+    )
+}
+
 /// The lost-report's entries as (kind, order id or key).
 fn lost_entries(report: &serde_json::Value) -> Vec<(String, String, String)> {
     report["entries"]
@@ -408,15 +423,7 @@ async fn e2e_wallet_failover_site_a_down_approved_under_load() -> Result<()> {
         !on_b.contains(&refunded),
         "the refunded gift charged nobody"
     );
-    let audit = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints())
-        .await?
-        .admin()
-        .list_audit(invoker_api::pb::ListAuditRequest {
-            limit: 100,
-            before_seq: 0,
-        })
-        .await?
-        .into_inner();
+    let audit = audit(&lab).await?;
     let compensations = audit
         .entries
         .iter()
@@ -677,15 +684,7 @@ async fn e2e_wallet_failover_a_new_leader_resumes_an_execution_cut_short() -> Re
         wf::wallet_lease(&lab).await?.map(|l| (l.0, l.1)),
         Some(("b".to_string(), 2))
     );
-    let audit = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints())
-        .await?
-        .admin()
-        .list_audit(invoker_api::pb::ListAuditRequest {
-            limit: 100,
-            before_seq: 0,
-        })
-        .await?
-        .into_inner();
+    let audit = audit(&lab).await?;
     let moves = audit
         .entries
         .iter()
@@ -787,15 +786,7 @@ async fn wait_sync_names(lab: &Lab, postgres: &str, want: &str, within: Duration
 }
 
 async fn relax_decisions(lab: &Lab) -> Result<Vec<(String, String, String)>> {
-    let audit = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints())
-        .await?
-        .admin()
-        .list_audit(invoker_api::pb::ListAuditRequest {
-            limit: 200,
-            before_seq: 0,
-        })
-        .await?
-        .into_inner();
+    let audit = audit(lab).await?;
     Ok(audit
         .entries
         .into_iter()
@@ -920,15 +911,7 @@ async fn e2e_wallet_failover_expired_proposal_cannot_be_approved() -> Result<()>
         wf::wallet_lease(&lab).await?.map(|l| l.0),
         Some("a".to_string())
     );
-    let audit = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints())
-        .await?
-        .admin()
-        .list_audit(invoker_api::pb::ListAuditRequest {
-            limit: 50,
-            before_seq: 0,
-        })
-        .await?
-        .into_inner();
+    let audit = audit(&lab).await?;
     assert!(
         audit.entries.iter().any(|e| e.action
             == format!("proposal.approve #{} refused", proposal.id)
