@@ -336,7 +336,12 @@ async fn e2e_failover_proposal_approvals_are_authenticated_bound_and_audited() -
     for victim in scenarios::site_a_entirely(&lab) {
         lab.kill(&victim)?;
     }
-    let client = invoker_api::InvokerClient::connect_leader(&lab.invoker_endpoints()).await?;
+    // Site A's invoker may have been the leader: wait out the election.
+    let client = invoker_api::InvokerClient::wait_for_leader(
+        &lab.invoker_endpoints(),
+        Duration::from_secs(15),
+    )
+    .await?;
     let (proposal, term) = loop {
         let listed = client
             .admin()
